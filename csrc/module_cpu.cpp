@@ -1,17 +1,29 @@
 // pyseqpack._C: the CPython extension holding the C++ CPU kernels.
 // No torch headers: Python passes raw data pointers (ints), sizes and strides, or plain Python
 // objects (lists / buffers) that are read here with the CPython API, with no per-element Python.
+// Each op's entry points live in its own csrc/<op>_cpu.cpp and are listed in kMethods below.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <thread>
 
+// csrc/pad_shift_mask_cpu.cpp
+PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+
 static PyObject* hardware_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(static_cast<long>(std::thread::hardware_concurrency()));
 }
 
+#define PSM_FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)), METH_FASTCALL
+
 static PyMethodDef kMethods[] = {
     {"hardware_threads", hardware_threads, METH_NOARGS, "std::thread::hardware_concurrency()"},
+    {"psm_row_lengths", PSM_FASTCALL(psm_row_lengths),
+     "psm_row_lengths(rows, name) -> bytes of int64 row lengths (pad_shift_mask)"},
+    {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},
+    {"psm_gather", PSM_FASTCALL(psm_gather), "psm_gather(...): packs kept values of host rows into one buffer"},
     {nullptr, nullptr, 0, nullptr},
 };
 

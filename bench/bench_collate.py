@@ -1,0 +1,258 @@
+"""Collation benchmarks: pyseqpack vs transformers' DataCollatorForSeq2Seq vs a plain torch collator.
+
+Groups (one pytest-benchmark group per input kind x shape, every implementation side by side):
+
+* ``collate[list|numpy] B=.. len=lo-hi`` (always on the CPU, where DataLoader workers collate):
+  features ``{"input_ids", "attention_mask", "labels"}`` with random row lengths in [lo, hi] (fixed seed),
+  as Python lists or as int64 numpy arrays. Output: input_ids, attention_mask, labels, padded right.
+    - transformers.DataCollatorForSeq2Seq                         (baseline)
+    - torch: torch.tensor per row + pad_sequence + a length mask  (what one writes by hand)
+    - pyseqpack.DataCollatorForSeq2Seq                            (the drop-in)
+    - pyseqpack.pad_shift_mask, one row per backend that runs on the CPU
+    - memcpy of the output bytes                                  (reference: the speed limit)
+  The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
+  and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument; its automatic choice
+  (one thread per 2^18 output elements) is one thread at these shapes.
+* ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
+  already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
+  pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
+  masks), given the row lengths on the host. Default thread counts. On a GPU the goal is well under
+  50 us for the fused kernels.
+
+GB/s = output bytes / median (the bytes a collator must write; the inputs are read once too).
+Before timing, every implementation's output is checked against the baseline's, so a fast wrong
+result fails the benchmark instead of being reported.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+import helpers as H
+
+# (batch, shortest row, longest row); "smoke" only checks the harness.
+SHAPES = {
+    "full": [(32, 64, 512), (16, 512, 2048), (8, 2048, 4096)],
+    "quick": [(32, 64, 512), (8, 2048, 4096)],
+    "smoke": [(4, 8, 32)],
+}
+FLAT_SHAPES = {"full": [(64, 1024, 4096)], "quick": [(64, 1024, 4096)], "smoke": [(4, 8, 32)]}
+KINDS = ["list", "numpy"]
+KEYS = ("input_ids", "attention_mask", "labels")
+SEED = 1234
+
+
+def _pyseqpack(name):
+    """A public pyseqpack name, read from the submodule that defines it, or skip this case saying why.
+
+    (Not ``getattr(pyseqpack, name)``: once ``pyseqpack.pad_shift_mask`` the submodule is imported, the
+    package attribute of that name is the submodule, not the function.)
+    """
+    import pyseqpack
+
+    where = f"pyseqpack.{pyseqpack._EXPORTS[name]}"
+    try:
+        return getattr(importlib.import_module(where), name)
+    except (AttributeError, ImportError) as e:
+        pytest.skip(f"{where}.{name} is unavailable: {type(e).__name__}: {e}")
+
+
+def _thread_kwargs(fn, threads):
+    """{"num_threads": threads} if ``fn`` takes that argument (our native ops may), else {}."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"num_threads": threads} if "num_threads" in params else {}
+
+
+def _backends(device):
+    from pyseqpack import _native
+
+    # Triton on CPU tensors only runs under the interpreter, which conftest refuses: never timed.
+    return [b for b in _native.available_backends(device) if not (device.type == "cpu" and b == "triton")]
+
+
+@pytest.fixture
+def collate_threads(bench_cfg):
+    before = torch.get_num_threads()
+    torch.set_num_threads(bench_cfg.collate_threads)
+    yield bench_cfg.collate_threads
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The implementations: each builder returns a zero-argument function producing the batch dict.
+# ----------------------------------------------------------------------------------------------------
+
+def _hf(features, tokenizer, threads):
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    return lambda: collator(features)
+
+
+def _torch(features, tokenizer, threads):
+    pad = tokenizer.pad_token_id
+    # numpy rows are wrapped without a copy (torch.from_numpy), lists are converted (torch.tensor).
+    to_tensor = torch.from_numpy if isinstance(features[0]["input_ids"], np.ndarray) else torch.tensor
+
+    def collate():
+        ids = [to_tensor(f["input_ids"]) for f in features]
+        labels = [to_tensor(f["labels"]) for f in features]
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=pad)
+        lengths = torch.tensor([len(r) for r in ids])
+        attention_mask = (torch.arange(input_ids.shape[1]) < lengths[:, None]).long()
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": pad_sequence(labels, batch_first=True, padding_value=-100)}
+
+    return collate
+
+
+def _dropin(features, tokenizer, threads):
+    cls = _pyseqpack("DataCollatorForSeq2Seq")
+    collator = cls(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt",
+                   **_thread_kwargs(cls, threads))
+    return lambda: collator(features)
+
+
+def _psm(backend):
+    def build(features, tokenizer, threads):
+        op = _pyseqpack("pad_shift_mask")
+        if backend not in _backends(torch.device("cpu")):
+            pytest.skip(f"pad_shift_mask backend {backend!r} is not available on the CPU")
+        kw = _thread_kwargs(op, threads)
+        pad = tokenizer.pad_token_id
+
+        def collate():
+            return op([f["input_ids"] for f in features], labels=[f["labels"] for f in features],
+                      pad_token_id=pad, label_pad_token_id=-100, backend=backend, **kw)
+
+        return collate
+
+    return build
+
+
+# id -> (label, role, builder)
+IMPLS = {
+    "hf": ("transformers DataCollatorForSeq2Seq", H.BASELINE, _hf),
+    "torch": ("torch pad_sequence collator", H.OTHER, _torch),
+    "pyseqpack": ("pyseqpack DataCollatorForSeq2Seq", H.OURS, _dropin),
+    "psm-cpu": ("pyseqpack pad_shift_mask[cpu]", H.OURS, _psm("cpu")),
+    "psm-torch": ("pyseqpack pad_shift_mask[torch]", H.OURS, _psm("torch")),
+    "memcpy": ("memcpy of the output bytes", H.REFERENCE, None),
+}
+
+
+def pytest_generate_tests(metafunc):
+    mode = metafunc.config.getoption("--bench-mode")
+    if "collate_shape" in metafunc.fixturenames:
+        shapes = SHAPES[mode]
+        metafunc.parametrize("collate_shape", shapes, ids=[f"B{b}-len{lo}-{hi}" for b, lo, hi in shapes])
+    if "flat_shape" in metafunc.fixturenames:
+        shapes = FLAT_SHAPES[mode]
+        metafunc.parametrize("flat_shape", shapes, ids=[f"B{b}-len{lo}-{hi}" for b, lo, hi in shapes])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return H.make_tokenizer()
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_collate(benchmark, bench_cfg, collate_threads, tokenizer, kind, collate_shape, impl):
+    batch, lo, hi = collate_shape
+    label, role, build = IMPLS[impl]
+    lengths = H.random_lengths(batch, lo, hi, seed=SEED + batch)
+    features = H.make_seq2seq_features(lengths, kind, seed=SEED)
+    benchmark.group = f"collate[{kind}] B={batch} len={lo}-{hi}"
+
+    expected = _hf(features, tokenizer, collate_threads)()
+    out_bytes = H.output_bytes({k: expected[k] for k in KEYS})
+    if build is None:  # memcpy reference: copy a buffer of the output's size
+        src = torch.ones(out_bytes, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731
+    else:
+        fn = build(features, tokenizer, collate_threads)
+        got = fn()
+        for k in KEYS:
+            assert torch.equal(got[k], expected[k]), f"{label}: {k!r} differs from transformers' output"
+
+    info = {"suite": "collate", "impl": label, "role": role, "input": kind, "batch": batch,
+            "len_lo": lo, "len_hi": hi, "max_len": max(lengths), "tokens": sum(lengths),
+            "threads": collate_threads, "order": 0 if kind == "list" else 1}
+    if impl == "pyseqpack" and kind == "list" and batch == 32:
+        info["goal"] = {"kind": "speedup_at_least", "value": 20, "target": 30,
+                        "label": "drop-in vs transformers, B=32 list inputs, 1 thread"}
+    if impl in ("pyseqpack", "psm-cpu") and kind == "numpy":
+        info["goal"] = {"kind": "vs_reference_gbps", "label": f"numpy inputs near memcpy, B={batch}"}
+    H.measure(benchmark, fn, bench_cfg, nbytes=out_bytes, info=info)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flat buffer on the bench device
+# ----------------------------------------------------------------------------------------------------
+
+def _flat_torch(flat, lengths, length, pad):
+    """The flat-buffer workload with plain torch ops (host-side ``lengths``, as a hand-written one needs)."""
+    lens = torch.tensor(lengths, device=flat.device)
+
+    def collate():
+        input_ids = pad_sequence(flat.split(lengths), batch_first=True, padding_value=pad)
+        input_ids = F.pad(input_ids, (0, length - input_ids.shape[1]), value=pad)
+        valid = torch.arange(length, device=flat.device) < lens[:, None]
+        labels = input_ids.masked_fill(~valid, -100)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": valid.long(),
+            "labels": labels,
+            "position_ids": (valid.long().cumsum(-1) - 1).clamp(min=0),
+            "shift_labels": F.pad(labels[:, 1:], (0, 1), value=-100),
+        }
+
+    return collate
+
+
+@pytest.mark.parametrize("impl", ["torch-ops", "psm-cuda", "psm-triton", "psm-cpu", "psm-torch"])
+def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
+    device = bench_cfg.device
+    batch, lo, hi = flat_shape
+    length = hi  # padded to max_length = hi: a fixed [B, hi] batch
+    lengths = H.random_lengths(batch, lo, hi, seed=SEED + 7)
+    g = torch.Generator().manual_seed(SEED)
+    flat = torch.randint(3, H.VOCAB_SIZE, (sum(lengths),), generator=g).to(device)
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64, device=device)
+    benchmark.group = f"collate[flat {device.type}] B={batch} len={lo}-{hi} pad={length}"
+
+    baseline = _flat_torch(flat, lengths, length, H.PAD_ID)
+    expected = baseline()
+    if impl == "torch-ops":
+        label, role, fn = "torch ops (split + pad_sequence + masks)", H.BASELINE, baseline
+    else:
+        backend = impl.removeprefix("psm-")
+        if backend not in _backends(device):
+            pytest.skip(f"pad_shift_mask backend {backend!r} is not available on {device}")
+        op = _pyseqpack("pad_shift_mask")
+
+        def fn():
+            return op(flat, offsets=offsets, labels="input_ids", pad_token_id=H.PAD_ID, padding="max_length",
+                      max_length=length, return_position_ids=True, return_shift_labels=True, backend=backend)
+
+        label, role = f"pyseqpack pad_shift_mask[{backend}]", H.OURS
+        got = fn()
+        for k, v in expected.items():
+            assert torch.equal(got[k], v), f"{label}: {k!r} differs from the torch-ops output"
+
+    info = {"suite": "collate", "impl": label, "role": role, "input": f"flat-{device.type}", "batch": batch,
+            "len_lo": lo, "len_hi": hi, "max_len": length, "tokens": sum(lengths), "order": 2}
+    if device.type == "cuda" and impl in ("psm-cuda", "psm-triton"):
+        info["goal"] = {"kind": "median_below_us", "value": 50, "label": f"flat-buffer kernel B={batch} x {length}"}
+    H.measure(benchmark, fn, bench_cfg, nbytes=H.output_bytes(expected), info=info)

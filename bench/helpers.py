@@ -1,0 +1,183 @@
+"""Shared pieces of the pyseqpack benchmarks: timing, byte counts, inputs and an offline tokenizer.
+
+Every benchmark goes through :func:`measure`, which
+
+* runs the function once untimed (first-call costs: torch.compile, Triton JIT, allocator warm-up),
+* on CUDA, measures the peak memory of one call above what was already allocated,
+* picks a round count from the cost of one call (fixed budget per case, so a run's length is predictable),
+* times it with ``benchmark.pedantic``; on CUDA the timed function ends with ``torch.cuda.synchronize()``
+  so the time is the device work, not the launch; with ``--cold-l2`` every round is preceded (untimed) by a
+  write to a buffer larger than the last-level cache,
+* stores the byte count, GB/s (``bytes / median``) and peak memory in ``benchmark.extra_info``.
+
+``extra_info`` carries everything the report needs (suite, implementation, role, shape), so
+``pyseqpack.bench`` builds its tables and plots from the JSON alone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Roles of an implementation inside its group: the report divides the baseline's median by every other
+# median of the group ("speedup"); a "reference" row (memcpy) is shown for its GB/s only.
+BASELINE, OURS, OTHER, REFERENCE = "baseline", "ours", "other", "reference"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of one benchmark session (set from the pytest command line in conftest.py)."""
+
+    device: torch.device
+    mode: str  # "full" | "quick" | "smoke"
+    cold_l2: bool
+    collate_threads: int
+
+    @property
+    def time_budget_s(self) -> float:
+        # Seconds of timed rounds per case; a round costs at least one call.
+        return {"full": 2.0, "quick": 0.4, "smoke": 0.02}[self.mode]
+
+    @property
+    def min_rounds(self) -> int:
+        return {"full": 10, "quick": 5, "smoke": 2}[self.mode]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _CacheFlusher:
+    """Evicts the caches between rounds by writing a buffer larger than them (untimed, in pedantic's setup).
+
+    256 MiB covers the L2 of current GPUs (H100: 50 MiB, B200: 126 MiB) and the L3 of a CPU socket slice.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.buf = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        self.buf.fill_(1)
+        synchronize(self.device)
+
+
+def _peak_memory_bytes(fn, device: torch.device):
+    """Peak CUDA memory one call allocates beyond what is live before it (None off CUDA: not measured)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
+def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict):
+    """Time ``fn()`` with pytest-benchmark and record bytes, GB/s and peak memory in extra_info.
+
+    nbytes: the bytes one call must move at minimum (the report's GB/s is ``nbytes / median``).
+    info:   suite, impl, role and shape fields, copied into ``benchmark.extra_info``.
+    Returns what the last call of ``fn`` returned.
+    """
+    device = cfg.device
+
+    def timed():
+        out = fn()
+        synchronize(device)
+        return out
+
+    timed()  # first call: compilation, JIT, allocator warm-up
+    peak = _peak_memory_bytes(fn, device)
+    t0 = time.perf_counter()
+    timed()
+    one = max(time.perf_counter() - t0, 1e-7)
+    rounds = int(min(max(cfg.time_budget_s / one, cfg.min_rounds), 2000))
+    flusher = _CacheFlusher(device) if cfg.cold_l2 else None
+
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update(
+        {"bytes": int(nbytes), "peak_mem_bytes": peak, "cold_l2": cfg.cold_l2, "device": str(device)}
+    )
+    result = benchmark.pedantic(timed, setup=flusher, rounds=rounds, warmup_rounds=1, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info["gbps"] = nbytes / median / 1e9 if median > 0 else None
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+PAD_ID = 0
+VOCAB_SIZE = 32000
+
+
+def make_tokenizer():
+    """A small offline fast tokenizer (WordLevel over ``w0 .. w999``) with a pad token, right padding.
+
+    Only ``tokenizer.pad`` (what the collators call) matters here, so the vocabulary size is irrelevant:
+    the token ids fed to the collators are drawn independently.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD_ID, "<unk>": 1, "<eos>": 2}
+    vocab.update({f"w{i}": i + 3 for i in range(1000)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>", padding_side="right"
+    )
+
+
+def random_lengths(batch: int, lo: int, hi: int, seed: int) -> list:
+    """``batch`` row lengths drawn uniformly from [lo, hi] with a fixed seed (same rows for every impl)."""
+    rng = np.random.default_rng(seed)
+    return [int(n) for n in rng.integers(lo, hi + 1, size=batch)]
+
+
+def make_seq2seq_features(lengths, kind: str, seed: int) -> list:
+    """Tokenized examples as a datasets pipeline yields them: input_ids, attention_mask, labels.
+
+    kind "list": Python lists of ints (``datasets`` default format);
+    kind "numpy": 1-D int64 arrays (``dataset.with_format("numpy")``).
+    Labels are a copy of input_ids with the first quarter (the prompt) set to -100, as SFT data carries them.
+    """
+    rng = np.random.default_rng(seed)
+    feats = []
+    for n in lengths:
+        ids = rng.integers(3, VOCAB_SIZE, size=n, dtype=np.int64)
+        labels = ids.copy()
+        labels[: n // 4] = -100
+        mask = np.ones(n, dtype=np.int64)
+        if kind == "list":
+            feats.append({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+        elif kind == "numpy":
+            feats.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        else:
+            raise ValueError(f"kind must be 'list' or 'numpy', got {kind!r}")
+    return feats
+
+
+def output_bytes(batch: dict) -> int:
+    """Bytes of every tensor in a collated batch (the bytes a collator must write)."""
+    return int(sum(v.numel() * v.element_size() for v in batch.values() if isinstance(v, torch.Tensor)))
+
+
+def ce_inputs(n_tokens: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """Logits [n_tokens, vocab] (``dtype``, leaf requiring grad) and int64 labels [n_tokens].
+
+    Logits ~ N(0, 2^2), drawn on the device itself (the largest GPU case is 5e9 values); a quarter of the
+    labels are -100 (prompt tokens), the rest uniform over the vocabulary.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n_tokens, vocab, generator=g, device=device, dtype=dtype).mul_(2.0)
+    gl = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (n_tokens,), generator=gl)
+    labels[torch.rand(n_tokens, generator=gl) < 0.25] = -100
+    return logits.requires_grad_(True), labels.to(device)

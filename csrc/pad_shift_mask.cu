@@ -1,0 +1,265 @@
+// CUDA backend of pyseqpack.pad_shift_mask: every padded output of a batch in one launch.
+// pyseqpack/pad_shift_mask_cuda.py calls the C entry point at the bottom of this file through ctypes.
+//
+// Inputs, all on the device: the int64 row plan [B, kPlanStride] of pad_shift_mask.h; a flat token buffer
+// [T]; optionally loss masks [T] and extra fields [E, T] aligned with the tokens (same indices); optionally
+// separate labels [Tl]. Outputs: each requested [B, L] (input_ids, attention_mask, position_ids, loss_mask),
+// [E, B, L] (extras) and [B, Ll] (labels, shift_labels, decoder_input_ids) tensor, all int32 or all int64,
+// C-contiguous.
+//
+// Work split: block (b, t) owns row b, columns [t * blockDim, (t + 1) * blockDim); its thread j writes column j
+// of every requested output of row b, each value given by pad_shift_mask.h's per-element functions (the lines
+// the CPU kernel runs too). Element (b, j) is a closed form of plan[b] and the buffers: no scan, and nothing
+// shared between threads but the plan row.
+//
+// Memory traffic: a warp stores 32 consecutive elements of each output (128 B for int32, 256 B for int64:
+// whole sectors, fully coalesced), so every output byte is written once, the floor for this op:
+// n_outputs * B * L * sizeof(out) bytes. Its loads of tokens[src + j - col] are 32 consecutive elements too,
+// only shifted by the row's column offset (2 to 3 sectors per warp). Each kept token, mask, extra and label is
+// read from DRAM once: input_ids and the derived labels read the same token, and labels, shift_labels and
+// decoder_input_ids read columns j, j + 1 and j - 1 of the same labels, all from sectors L1 already holds.
+// The 64-byte plan row is read once per block into shared memory.
+//
+// Element types: the token and output types are template parameters (4 kernels). The other buffers' types
+// (masks uint8 / int32 / int64, labels and extras int32 / int64) are chosen by a branch that is uniform over
+// the whole grid, inside the kernel, so their variants add code, not kernels.
+//
+// Safety without host syncs: plan offsets computed on the device (from device `offsets`) cannot be checked
+// on the host without a sync. Each block checks its own row instead: a row whose window [src, src + kept)
+// does not lie inside its buffer is written as an empty row (all padding), so no load ever leaves the
+// buffers, whatever the plan holds. All index math is int64: B * L passes 2^31 on large batches.
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "cuda_common.cuh"
+#include "pad_shift_mask.h"
+
+namespace {
+
+// Output slots, in the order of the C ABI's `outs` array (pyseqpack/pad_shift_mask_cuda.py holds the same
+// table; it is also the order of pyseqpack.pad_shift_mask.OUTPUT_KEYS).
+enum Out : int { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
+
+// Element type codes of the C ABI (pyseqpack/pad_shift_mask_cuda.py holds the same table).
+enum TypeCode : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2 };
+
+// Threads per block, one column each: 256 threads x 8 blocks fill an SM. Rows narrower than that get a block
+// rounded up to whole warps instead.
+constexpr int kMaxThreads = 256;
+// gridDim.y (column tiles) is limited to 65535 by the hardware.
+constexpr int64_t kMaxTiles = 65535;
+
+// Kernel arguments, passed by value in the parameter block.
+//   plan             [B, kPlanStride] int64
+//   tok, n_tok       [n_tok] T
+//   mask, mask_code  [n_tok] uint8 / int32 / int64 loss masks, or nullptr
+//   lab, lab_code    [n_lab] int32 / int64 separate labels (kind == kGivenLabels), else unused
+//   out[i]           [B, L] or [B, Ll] O, nullptr when that output was not requested
+//   extras           [n_extras, n_tok] int32 / int64 (extras_code); extra_pads [n_extras] int64;
+//                    extras_out [n_extras, B, L] O
+template <typename O, typename T>
+struct Args {
+  const int64_t* plan;
+  int64_t B, L, Ll;
+  const T* tok;
+  int64_t n_tok;
+  const void* mask;
+  int32_t mask_code;
+  int32_t kind;
+  const void* lab;
+  int64_t n_lab;
+  int32_t lab_code;
+  O* out[kNumOut];
+  const void* extras;
+  int32_t extras_code;
+  int64_t n_extras;
+  const int64_t* extra_pads;
+  O* extras_out;
+  int64_t pad, label_pad, decoder_start;
+};
+
+// Whether [src, src + count) lies inside [0, n); written so that no sum can overflow for any int64 input.
+__device__ __forceinline__ bool window_inside(int64_t src, int64_t count, int64_t n) {
+  return src >= 0 && count >= 0 && src <= n && count <= n - src;
+}
+
+// `base` + `src` as a P pointer (the row pointer pad_shift_mask.h expects), or nullptr for a missing buffer.
+template <typename P>
+__device__ __forceinline__ const P* row_ptr(const void* base, int64_t src) {
+  return base != nullptr ? static_cast<const P*>(base) + src : nullptr;
+}
+
+// Column j of the [B, Ll] outputs (flat index o), for one combination of mask and label types.
+template <typename O, typename T, typename M, typename Lab>
+__device__ __forceinline__ void label_columns(const Args<O, T>& a, const psm::Row& r, int64_t j, int64_t o,
+                                              const T* tok, const M* mask, const Lab* lab) {
+  if (a.out[kLabels] != nullptr)
+    a.out[kLabels][o] = static_cast<O>(psm::label(j, r, a.kind, tok, mask, lab, a.label_pad));
+  if (a.out[kShift] != nullptr)
+    a.out[kShift][o] = static_cast<O>(psm::shift_label(j, a.Ll, r, a.kind, tok, mask, lab, a.label_pad));
+  if (a.out[kDecoder] != nullptr)
+    a.out[kDecoder][o] =
+        static_cast<O>(psm::decoder_input_id(j, r, a.kind, tok, mask, lab, a.label_pad, a.decoder_start, a.pad));
+}
+
+// Grid (B, ceil(W / blockDim.x)), W the widest requested output; blockDim.x >= kPlanStride.
+template <typename O, typename T>
+__global__ void __launch_bounds__(kMaxThreads) psm_kernel(const Args<O, T> a) {
+  __shared__ int64_t plan_row[psm::kPlanStride];
+  const int64_t b = blockIdx.x;
+  if (threadIdx.x < psm::kPlanStride) plan_row[threadIdx.x] = a.plan[b * psm::kPlanStride + threadIdx.x];
+  __syncthreads();
+  psm::Row r = psm::load_row(plan_row, 0);
+  // A row whose window leaves its buffer is written as an empty one (see the file comment).
+  if (!window_inside(r.tok_src, r.tok_kept, a.n_tok)) r.tok_src = r.tok_kept = 0;
+  if (a.kind == psm::kGivenLabels && !window_inside(r.lab_src, r.lab_kept, a.n_lab)) r.lab_src = r.lab_kept = 0;
+
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const T* tok = a.tok + r.tok_src;  // element k: the row's k-th kept token
+
+  if (j < a.L) {
+    const int64_t o = b * a.L + j;
+    if (a.out[kIds] != nullptr) a.out[kIds][o] = static_cast<O>(psm::input_id(j, r, tok, a.pad));
+    if (a.out[kAttn] != nullptr) a.out[kAttn][o] = static_cast<O>(psm::attention(j, r));
+    if (a.out[kPos] != nullptr) a.out[kPos][o] = static_cast<O>(psm::position_id(j, r));
+    if (a.out[kLoss] != nullptr) a.out[kLoss][o] = static_cast<O>(psm::loss_mask(j, r));
+    for (int64_t e = 0; e < a.n_extras; ++e) {
+      const int64_t src = e * a.n_tok + r.tok_src;  // row e of the [E, T] extras
+      const int64_t pad = a.extra_pads[e];
+      const int64_t v = a.extras_code == kInt32 ? psm::extra(j, r, row_ptr<int32_t>(a.extras, src), pad)
+                                                : psm::extra(j, r, row_ptr<int64_t>(a.extras, src), pad);
+      a.extras_out[(e * a.B + b) * a.L + j] = static_cast<O>(v);
+    }
+  }
+  if (j < a.Ll && (a.out[kLabels] != nullptr || a.out[kShift] != nullptr || a.out[kDecoder] != nullptr)) {
+    const int64_t o = b * a.Ll + j;
+    const int64_t* no_lab = nullptr;
+    if (a.kind == psm::kGivenLabels) {  // no mask: pad_shift_mask.h reads it for derived labels only
+      const uint8_t* no_mask = nullptr;
+      if (a.lab_code == kInt32)
+        label_columns(a, r, j, o, tok, no_mask, row_ptr<int32_t>(a.lab, r.lab_src));
+      else
+        label_columns(a, r, j, o, tok, no_mask, row_ptr<int64_t>(a.lab, r.lab_src));
+    } else if (a.mask_code == kUInt8) {
+      label_columns(a, r, j, o, tok, row_ptr<uint8_t>(a.mask, r.tok_src), no_lab);
+    } else if (a.mask_code == kInt32) {
+      label_columns(a, r, j, o, tok, row_ptr<int32_t>(a.mask, r.tok_src), no_lab);
+    } else {
+      label_columns(a, r, j, o, tok, row_ptr<int64_t>(a.mask, r.tok_src), no_lab);
+    }
+  }
+}
+
+// The C entry point's arguments (see pyseqpack_psm_fill), with the token and output types still erased.
+struct Problem {
+  const int64_t* plan;
+  int64_t B, L, Ll;
+  const void* tok;
+  int64_t n_tok;
+  const void* mask;
+  int mask_code;
+  int kind;
+  const void* lab;
+  int64_t n_lab;
+  int lab_code;
+  void* const* outs;
+  const void* extras;
+  int64_t n_extras;
+  int extras_code;
+  const int64_t* extra_pads;
+  void* extras_out;
+  int64_t pad, label_pad, decoder_start;
+};
+
+template <typename O, typename T>
+cudaError_t launch(const Problem& p, cudaStream_t stream) {
+  Args<O, T> a{};
+  a.plan = p.plan;
+  a.B = p.B;
+  a.L = p.L;
+  a.Ll = p.Ll;
+  a.tok = static_cast<const T*>(p.tok);
+  a.n_tok = p.n_tok;
+  a.mask = p.mask;
+  a.mask_code = p.mask_code;
+  a.kind = p.kind;
+  a.lab = p.lab;
+  a.n_lab = p.n_lab;
+  a.lab_code = p.lab_code;
+  for (int i = 0; i < kNumOut; ++i) a.out[i] = static_cast<O*>(p.outs[i]);
+  a.extras = p.extras;
+  a.extras_code = p.extras_code;
+  a.n_extras = p.n_extras;
+  a.extra_pads = p.extra_pads;
+  a.extras_out = static_cast<O*>(p.extras_out);
+  a.pad = p.pad;
+  a.label_pad = p.label_pad;
+  a.decoder_start = p.decoder_start;
+
+  // The widest requested output sets the grid; threads past a narrower output's width skip it.
+  const bool narrow = p.n_extras > 0 || a.out[kIds] || a.out[kAttn] || a.out[kPos] || a.out[kLoss];
+  const bool wide = a.out[kLabels] || a.out[kShift] || a.out[kDecoder];
+  const int64_t width = std::max(narrow ? p.L : 0, wide ? p.Ll : 0);
+  if (width == 0) return cudaSuccess;
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (width + 31) / 32 * 32));
+  const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>((width + threads - 1) / threads));
+  psm_kernel<O, T><<<grid, threads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+bool is_int_code(int code) { return code == kInt64 || code == kInt32; }
+
+}  // namespace
+
+// Writes every requested output of pad_shift_mask for one batch, enqueued on `stream`; no host sync.
+//   plan          [B, 8] int64 device pointer (pad_shift_mask.h); its *_src fields index the flat buffers
+//   L, Ll         widths of the [B, L] and [B, Ll] outputs
+//   tokens        [n_tokens] device pointer, type tokens_code (0 int64, 1 int32)
+//   loss_masks    [n_tokens] device pointer, type mask_code (0 int64, 1 int32, 2 uint8), or NULL; read with
+//                 derived labels only
+//   labels_kind   0 none, 1 derived from tokens, 2 given in `labels`
+//   labels        [n_labels] device pointer, type labels_code (0 int64, 1 int32); labels_kind 2 only
+//   outs          host array of 7 device pointers, NULL = not requested: input_ids [B, L], attention_mask
+//                 [B, L], labels [B, Ll], decoder_input_ids [B, Ll], shift_labels [B, Ll], position_ids [B, L],
+//                 loss_mask [B, L]
+//   extras        [n_extras, n_tokens] device pointer, type extras_code (0 int64, 1 int32), aligned with the
+//                 tokens; extra_pads [n_extras] int64 device pointer; extras_out [n_extras, B, L] device pointer
+//   pad_token_id, label_pad_token_id, decoder_start_token_id   as in pad_shift_mask.h
+//   out_code      type of every output (0 int64, 1 int32); outputs are C-contiguous
+//   stream        cudaStream_t (NULL: the legacy default stream)
+// Values are cast to the output type as they are (the caller checks int32 ranges).
+// Returns a cudaError_t as int: cudaErrorInvalidValue for bad arguments (checked before any CUDA call),
+// else the launch's error (cudaGetLastError()).
+PYSEQPACK_API int pyseqpack_psm_fill(const int64_t* plan, int64_t B, int64_t L, int64_t Ll, const void* tokens,
+                                     int64_t n_tokens, int tokens_code, const void* loss_masks, int mask_code,
+                                     int labels_kind, const void* labels, int64_t n_labels, int labels_code,
+                                     void* const* outs, const void* extras, int64_t n_extras, int extras_code,
+                                     const int64_t* extra_pads, void* extras_out, int64_t pad_token_id,
+                                     int64_t label_pad_token_id, int64_t decoder_start_token_id, int out_code,
+                                     void* stream) {
+  if (B < 0 || L < 0 || Ll < 0 || n_tokens < 0 || n_labels < 0 || n_extras < 0 || outs == nullptr ||
+      labels_kind < psm::kNoLabels || labels_kind > psm::kGivenLabels || !is_int_code(tokens_code) ||
+      !is_int_code(out_code) || (loss_masks != nullptr && !is_int_code(mask_code) && mask_code != kUInt8) ||
+      (labels_kind == psm::kGivenLabels && !is_int_code(labels_code)) || (n_extras > 0 && !is_int_code(extras_code)))
+    return cudaErrorInvalidValue;
+  if (labels_kind == psm::kNoLabels && (outs[kLabels] || outs[kShift] || outs[kDecoder])) return cudaErrorInvalidValue;
+  // Launch limits: B blocks along x, column tiles of kMaxThreads along y.
+  if (B > INT_MAX || (std::max(L, Ll) + kMaxThreads - 1) / kMaxThreads > kMaxTiles) return cudaErrorInvalidValue;
+  if (B == 0) return cudaSuccess;  // empty outputs (their data pointers may be NULL)
+  if (plan == nullptr || (n_tokens > 0 && tokens == nullptr) ||
+      (labels_kind == psm::kGivenLabels && n_labels > 0 && labels == nullptr) ||
+      (n_extras > 0 && (extra_pads == nullptr || (n_tokens > 0 && extras == nullptr) ||
+                        (L > 0 && extras_out == nullptr))))
+    return cudaErrorInvalidValue;
+
+  const Problem p{plan,       B,          L,        Ll,         tokens,       n_tokens,    loss_masks,
+                  mask_code,  labels_kind, labels,  n_labels,   labels_code,  outs,        extras,
+                  n_extras,   extras_code, extra_pads, extras_out, pad_token_id, label_pad_token_id,
+                  decoder_start_token_id};
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (out_code == kInt32)
+    return tokens_code == kInt32 ? launch<int32_t, int32_t>(p, s) : launch<int32_t, int64_t>(p, s);
+  return tokens_code == kInt32 ? launch<int64_t, int32_t>(p, s) : launch<int64_t, int64_t>(p, s);
+}

@@ -1,0 +1,779 @@
+// C++ CPU backend of pyseqpack.pad_shift_mask: Python sequences / buffers in, padded tensors out, one pass.
+//
+// Python hands over the row plan (see pad_shift_mask.h) and raw output pointers (tensor.data_ptr()), plus
+// the caller's objects themselves: a sequence of rows (lists / tuples of ints, or 1-D integer buffers such
+// as numpy arrays) or one flat 1-D buffer. Each example's kept tokens are read straight from those objects
+// (PyLong -> int64 for lists, a typed strided read for buffers), validated on the way, staged in a small
+// int64 row scratch (or read in place when the buffer already is contiguous int64), and every output row
+// is then written by the per-element functions of pad_shift_mask.h. Memory traffic: each kept input
+// element is read once (twice when staged, the second time from L1), each output element written once.
+//
+// Python ints need the GIL, so list input runs on the calling thread. When every row is a buffer the GIL is
+// released and large batches are split across std::threads by rows.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <longintrepr.h>  // PyLongObject's digits (Python.h includes it from 3.11 on)
+#endif
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "pad_shift_mask.h"
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "buffer formats are read as little-endian");
+
+namespace {
+
+// ---- element types of buffers -----------------------------------------------------------------------------
+
+enum class Elem { kBool, kI8, kU8, kI16, kU16, kI32, kU32, kI64, kU64 };
+
+// Maps a struct-module format ("q", "<i", "?") and itemsize to an integer element type. Floats and
+// anything else are rejected (returns false).
+bool parse_format(const Py_buffer& v, Elem* out) {
+  const char* f = v.format ? v.format : "B";
+  if (*f == '@' || *f == '=' || *f == '<') ++f;
+  if (f[0] == '\0' || f[1] != '\0') return false;
+  const bool is_signed = f[0] == 'b' || f[0] == 'h' || f[0] == 'i' || f[0] == 'l' || f[0] == 'q' || f[0] == 'n';
+  const bool is_unsigned = f[0] == 'B' || f[0] == 'H' || f[0] == 'I' || f[0] == 'L' || f[0] == 'Q' || f[0] == 'N';
+  if (f[0] == '?' && v.itemsize == 1) {
+    *out = Elem::kBool;
+    return true;
+  }
+  if (!is_signed && !is_unsigned) return false;
+  switch (v.itemsize) {
+    case 1: *out = is_signed ? Elem::kI8 : Elem::kU8; return true;
+    case 2: *out = is_signed ? Elem::kI16 : Elem::kU16; return true;
+    case 4: *out = is_signed ? Elem::kI32 : Elem::kU32; return true;
+    case 8: *out = is_signed ? Elem::kI64 : Elem::kU64; return true;
+    default: return false;
+  }
+}
+
+// A readable name for a rejected buffer format, e.g. "float32" for "f".
+std::string format_name(const Py_buffer& v) {
+  const char* f = v.format ? v.format : "B";
+  if (*f == '@' || *f == '=' || *f == '<') ++f;
+  if (f[0] != '\0' && f[1] == '\0') {
+    switch (f[0]) {
+      case 'e': return "float16";
+      case 'f': return "float32";
+      case 'd': return "float64";
+      case 'Z': return "complex";
+    }
+  }
+  return std::string("format '") + (v.format ? v.format : "B") + "'";
+}
+
+// ---- failures: recorded where they happen (possibly without the GIL), raised once with the GIL ------------
+
+enum class Fault { kNone, kType, kOverflow, kRange, kChanged };
+
+struct Field;
+
+struct Failure {
+  Fault fault = Fault::kNone;
+  const Field* field = nullptr;
+  int64_t row = INT64_MAX;  // threads keep their first failure; the smallest row wins
+  int64_t index = 0;        // index inside the example (original coordinates)
+  int64_t value = 0;
+  std::string text;  // type name, or the repr / decimal text of a value out of the int64 range
+};
+
+// ---- one input field (input_ids, labels, loss_masks, or an extra) --------------------------------------------
+
+// Where one example's values live: a Python list/tuple (read under the GIL) or a strided typed buffer.
+struct RowSource {
+  PyObject* seq = nullptr;  // owned reference to a list or tuple
+  const char* data = nullptr;
+  Py_ssize_t stride = 0;
+  Elem elem = Elem::kI64;
+  int64_t len = 0;
+};
+
+struct Field {
+  std::string name;
+  int64_t lo = INT64_MIN, hi = INT64_MAX;  // accepted values (the output dtype's range, or 0..1 for masks)
+  bool is_mask = false;
+  bool flat = false;               // one buffer for the whole batch, indexed by the plan's absolute *_src
+  const int64_t* bases = nullptr;  // flat: offsets[b], to report indices inside the example
+  std::vector<RowSource> rows;     // flat: a single entry
+  std::vector<Py_buffer> views;
+  bool has_seq = false;  // some row is a Python sequence: the GIL must be held while reading
+
+  Field() = default;
+  Field(const Field&) = delete;
+  Field& operator=(const Field&) = delete;
+  ~Field() {  // runs with the GIL held (fields are destroyed after the GIL is re-acquired)
+    for (auto& r : rows) Py_XDECREF(r.seq);
+    for (auto& v : views) PyBuffer_Release(&v);
+  }
+};
+
+// Raises `type` with "name[b]: what" (or "name: what" for a flat buffer, b < 0); returns false.
+bool source_error(PyObject* type, const Field& f, int64_t b, const std::string& what) {
+  if (b < 0)
+    PyErr_Format(type, "%s: %s", f.name.c_str(), what.c_str());
+  else
+    PyErr_Format(type, "%s[%lld]: %s", f.name.c_str(), static_cast<long long>(b), what.c_str());
+  return false;
+}
+
+// Opens one example (or the flat buffer when b < 0). Sets a Python exception and returns false on error.
+bool open_source(PyObject* obj, Field& f, int64_t b, RowSource* out) {
+  if (PyList_Check(obj) || PyTuple_Check(obj)) {
+    Py_INCREF(obj);
+    out->seq = obj;
+    out->len = PySequence_Fast_GET_SIZE(obj);
+    f.has_seq = true;
+    return true;
+  }
+  if (PyObject_CheckBuffer(obj)) {
+    Py_buffer v;
+    if (PyObject_GetBuffer(obj, &v, PyBUF_RECORDS_RO) < 0) {
+      PyObject *type, *value, *tb;
+      PyErr_Fetch(&type, &value, &tb);
+      PyObject* msg = value ? PyObject_Str(value) : nullptr;
+      const std::string why = msg ? PyUnicode_AsUTF8(msg) : "unreadable buffer";
+      Py_XDECREF(msg);
+      Py_XDECREF(type);
+      Py_XDECREF(value);
+      Py_XDECREF(tb);
+      PyErr_Clear();
+      return source_error(PyExc_TypeError, f, b, "cannot read the buffer (" + why + ")");
+    }
+    f.views.push_back(v);
+    Elem elem;
+    if (v.ndim != 1) {
+      return source_error(PyExc_TypeError, f, b,
+                          "expected a 1-D sequence, got a " + std::to_string(v.ndim) + "-D array");
+    }
+    if (!parse_format(v, &elem)) {
+      return source_error(PyExc_TypeError, f, b, "expected integer values, got a " + format_name(v) + " array");
+    }
+    out->data = static_cast<const char*>(v.buf);
+    out->stride = v.strides ? v.strides[0] : v.itemsize;
+    out->elem = elem;
+    out->len = v.shape ? v.shape[0] : v.len / v.itemsize;
+    return true;
+  }
+  if (b >= 0 && PySequence_Check(obj) && !PyUnicode_Check(obj)) {  // range, deque, ...: one list copy
+    PyObject* s = PySequence_Fast(obj, "");
+    if (s == nullptr) return false;
+    out->seq = s;
+    out->len = PySequence_Fast_GET_SIZE(s);
+    f.has_seq = true;
+    return true;
+  }
+  return source_error(PyExc_TypeError, f, b,
+                      std::string(b < 0 ? "expected a 1-D integer array, got "
+                                        : "expected a sequence of ints (list, tuple, 1-D integer array), got ") +
+                          Py_TYPE(obj)->tp_name);
+}
+
+// Opens a field: `obj` is a flat buffer (flat = true) or a sequence of B rows.
+bool open_field(PyObject* obj, Field& f, int64_t B, bool flat) {
+  f.flat = flat;
+  if (flat) {
+    f.rows.resize(1);
+    return open_source(obj, f, -1, &f.rows[0]);
+  }
+  PyObject* seq = PySequence_Fast(obj, "expected a sequence of rows");
+  if (seq == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n != B) {
+    Py_DECREF(seq);
+    PyErr_Format(PyExc_ValueError, "%s: expected %lld rows, got %lld", f.name.c_str(), static_cast<long long>(B),
+                 static_cast<long long>(n));
+    return false;
+  }
+  f.rows.resize(static_cast<size_t>(B));
+  bool ok = true;
+  for (int64_t b = 0; b < B && ok; ++b) ok = open_source(PySequence_Fast_GET_ITEM(seq, b), f, b, &f.rows[b]);
+  Py_DECREF(seq);
+  return ok;
+}
+
+// ---- reading one example's kept values into int64 --------------------------------------------------------
+
+bool fail(Failure* fl, Fault fault, const Field& f, int64_t b, int64_t index, int64_t value, std::string text = {}) {
+  fl->fault = fault;
+  fl->field = &f;
+  fl->row = b;
+  fl->index = index;
+  fl->value = value;
+  fl->text = std::move(text);
+  return false;
+}
+
+bool in_range(const Field& f, int64_t v) { return v >= f.lo && v <= f.hi; }
+
+template <typename T>
+bool read_buffer(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t base,
+                 int64_t* dst, Failure* fl) {
+  const char* p = s.data + start * s.stride;
+  for (int64_t k = 0; k < count; ++k, p += s.stride) {
+    T x;
+    std::memcpy(&x, p, sizeof(T));  // numpy rows may be unaligned views
+    if constexpr (std::is_same_v<T, uint64_t>) {
+      if (x > static_cast<uint64_t>(INT64_MAX)) return fail(fl, Fault::kOverflow, f, b, start - base + k, 0, std::to_string(x));
+    }
+    const int64_t v = static_cast<int64_t>(x);
+    if (!in_range(f, v)) return fail(fl, Fault::kRange, f, b, start - base + k, v);
+    dst[k] = v;
+  }
+  return true;
+}
+
+// A Python int of one internal digit (|v| < 2**30: every token id) read without a call; false for anything else.
+// Saves about a third of the per-token cost of list input over PyLong_AsLongLongAndOverflow.
+inline bool compact_long(PyObject* o, long long* v) {
+#if PY_VERSION_HEX >= 0x030C0000
+  if (!PyLong_CheckExact(o) || !PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
+  *v = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
+#else
+  if (!PyLong_CheckExact(o)) return false;
+  const Py_ssize_t size = Py_SIZE(o);  // signed digit count
+  if (size < -1 || size > 1) return false;
+  *v = size == 0 ? 0 : size * static_cast<long long>(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
+#endif
+  return true;
+}
+
+// Python objects -> int64 (GIL held). Python ints (bool included) take the fast path; other objects with
+// __index__ (numpy integer scalars) go through PyNumber_Index; anything else (float, str, None) fails.
+// repr(o) for an error message (GIL held).
+std::string repr(PyObject* o) {
+  PyObject* r = PyObject_Repr(o);
+  std::string text = r ? PyUnicode_AsUTF8(r) : "value";
+  Py_XDECREF(r);
+  PyErr_Clear();
+  return text;
+}
+
+// Python objects -> int64 (GIL held). Small Python ints take the inline path; other ints (bool included) and
+// objects with __index__ (numpy integer scalars) the general one; anything else (float, str, None) fails.
+bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t* dst,
+                   Failure* fl) {
+  PyObject** items = PySequence_Fast_ITEMS(s.seq);
+  for (int64_t k = 0; k < count; ++k) {
+    if (start + k >= PySequence_Fast_GET_SIZE(s.seq)) return fail(fl, Fault::kChanged, f, b, start + k, 0);
+    PyObject* o = items[start + k];
+    long long x;
+    if (!compact_long(o, &x)) {
+      PyObject* i;
+      if (PyLong_Check(o)) {
+        Py_INCREF(o);
+        i = o;
+      } else if (PyIndex_Check(o)) {
+        Py_INCREF(o);
+        i = PyNumber_Index(o);  // may run Python code that resizes the list: items is re-read below
+        if (i == nullptr) {
+          PyErr_Clear();
+          std::string tname = Py_TYPE(o)->tp_name;
+          Py_DECREF(o);
+          return fail(fl, Fault::kType, f, b, start + k, 0, std::move(tname));
+        }
+        Py_DECREF(o);
+        items = PySequence_Fast_ITEMS(s.seq);
+      } else {
+        return fail(fl, Fault::kType, f, b, start + k, 0, Py_TYPE(o)->tp_name);
+      }
+      int overflow = 0;
+      x = PyLong_AsLongLongAndOverflow(i, &overflow);
+      if (overflow != 0) {
+        std::string text = repr(i);
+        Py_DECREF(i);
+        return fail(fl, Fault::kOverflow, f, b, start + k, 0, std::move(text));
+      }
+      Py_DECREF(i);
+    }
+    if (!in_range(f, x)) return fail(fl, Fault::kRange, f, b, start + k, x);
+    dst[k] = x;
+  }
+  return true;
+}
+
+// Returns a pointer to example b's values [start, start + count) as int64 (row-relative: element k is the
+// k-th kept value), either in place or staged in `scratch`; nullptr after recording a failure.
+const int64_t* stage(const Field& f, int64_t b, int64_t start, int64_t count, std::vector<int64_t>& scratch,
+                     Failure* fl) {
+  const RowSource& s = f.flat ? f.rows[0] : f.rows[b];
+  const int64_t base = f.flat ? f.bases[b] : 0;
+  if (start < 0 || count < 0 || start + count > s.len) {
+    fail(fl, Fault::kChanged, f, b, start - base, 0);
+    return nullptr;
+  }
+  if (s.seq == nullptr && s.elem == Elem::kI64 && s.stride == 8 &&
+      reinterpret_cast<uintptr_t>(s.data) % alignof(int64_t) == 0) {
+    const int64_t* p = reinterpret_cast<const int64_t*>(s.data) + start;
+    if (f.lo != INT64_MIN || f.hi != INT64_MAX) {
+      for (int64_t k = 0; k < count; ++k) {
+        if (!in_range(f, p[k])) {
+          fail(fl, Fault::kRange, f, b, start - base + k, p[k]);
+          return nullptr;
+        }
+      }
+    }
+    return p;
+  }
+  if (static_cast<int64_t>(scratch.size()) < count) scratch.resize(static_cast<size_t>(count));
+  int64_t* dst = scratch.data();
+  bool ok;
+  if (s.seq != nullptr) {
+    ok = read_sequence(s, f, b, start, count, dst, fl);
+  } else {
+    switch (s.elem) {
+      case Elem::kBool:
+      case Elem::kU8: ok = read_buffer<uint8_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kI8: ok = read_buffer<int8_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kI16: ok = read_buffer<int16_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kU16: ok = read_buffer<uint16_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kI32: ok = read_buffer<int32_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kU32: ok = read_buffer<uint32_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kI64: ok = read_buffer<int64_t>(s, f, b, start, count, base, dst, fl); break;
+      case Elem::kU64: ok = read_buffer<uint64_t>(s, f, b, start, count, base, dst, fl); break;
+      default: ok = false;
+    }
+  }
+  return ok ? dst : nullptr;
+}
+
+void raise_failure(const Failure& fl) {
+  const char* name = fl.field->name.c_str();
+  const long long b = fl.row, i = fl.index, v = fl.value;
+  switch (fl.fault) {
+    case Fault::kType:
+      PyErr_Format(PyExc_TypeError, "%s[%lld][%lld]: expected an int, got %s", name, b, i, fl.text.c_str());
+      break;
+    case Fault::kOverflow:
+      PyErr_Format(PyExc_ValueError, "%s[%lld][%lld]: %s is out of the int64 range", name, b, i, fl.text.c_str());
+      break;
+    case Fault::kRange:
+      if (fl.field->is_mask)
+        PyErr_Format(PyExc_ValueError, "%s[%lld][%lld]: expected 0 or 1, got %lld", name, b, i, v);
+      else
+        PyErr_Format(PyExc_ValueError, "%s[%lld][%lld]: %lld does not fit in the output dtype int32", name, b, i, v);
+      break;
+    case Fault::kChanged:
+      PyErr_Format(PyExc_RuntimeError,
+                   "%s[%lld]: the data does not match the row plan (did the example change while pad_shift_mask "
+                   "was reading it?)", name, b);
+      break;
+    case Fault::kNone:
+      break;
+  }
+}
+
+// ---- the per-row kernel -------------------------------------------------------------------------------------
+
+// The output loops below are plain per-element calls of pad_shift_mask.h. Baseline x86-64 (SSE2) has no 64-bit
+// vector compare, so they only vectorize with AVX2: on x86-64 Linux each writer is compiled twice and the loader
+// picks the AVX2 clone when the CPU has it (GCC/Clang function multiversioning); elsewhere one plain version.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define PSM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PSM_SIMD_CLONES
+#endif
+#define PSM_ALWAYS_INLINE inline __attribute__((always_inline))
+
+enum Out { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
+
+// One example: its plan row, its staged inputs (row pointers indexed by the kept index) and its output rows.
+struct RowJob {
+  psm::Row r;
+  const int64_t* tok;
+  const int64_t* mask;  // nullptr: no loss masks
+  const int64_t* lab;   // nullptr: labels are not given separately
+  int64_t L, Ll, pad, label_pad, decoder_start;
+  int32_t kind;
+  void* out[kNumOut];  // row b of each output, nullptr when not requested
+};
+
+template <typename OutT>
+PSM_ALWAYS_INLINE void write_outputs(const RowJob& job) {
+  // Locals, not job fields: an OutT store could alias them, which would force a reload per element and keep
+  // the loops from vectorizing.
+  const psm::Row r = job.r;
+  const int64_t *t = job.tok, *m = job.mask, *g = job.lab;
+  const int64_t L = job.L, Ll = job.Ll, pad = job.pad, label_pad = job.label_pad, start = job.decoder_start;
+  const int32_t kind = job.kind;
+  // [B, L] outputs: one tight loop per requested output over the row's columns.
+  if (auto* o = static_cast<OutT*>(job.out[kIds]))
+    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::input_id(j, r, t, pad));
+  if (auto* o = static_cast<OutT*>(job.out[kAttn]))
+    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::attention(j, r));
+  if (auto* o = static_cast<OutT*>(job.out[kPos]))
+    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::position_id(j, r));
+  if (auto* o = static_cast<OutT*>(job.out[kLoss]))
+    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::loss_mask(j, r));
+  // [B, Ll] outputs.
+  if (auto* o = static_cast<OutT*>(job.out[kLabels]))
+    for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(psm::label(j, r, kind, t, m, g, label_pad));
+  if (auto* o = static_cast<OutT*>(job.out[kShift]))
+    for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(psm::shift_label(j, Ll, r, kind, t, m, g, label_pad));
+  if (auto* o = static_cast<OutT*>(job.out[kDecoder]))
+    for (int64_t j = 0; j < Ll; ++j)
+      o[j] = static_cast<OutT>(psm::decoder_input_id(j, r, kind, t, m, g, label_pad, start, pad));
+}
+
+PSM_SIMD_CLONES void write_outputs_i32(const RowJob& job) { write_outputs<int32_t>(job); }
+PSM_SIMD_CLONES void write_outputs_i64(const RowJob& job) { write_outputs<int64_t>(job); }
+
+template <typename OutT>
+PSM_ALWAYS_INLINE void write_extra(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
+  auto* o = static_cast<OutT*>(out);
+  for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::extra(j, r, x, pad));
+}
+
+PSM_SIMD_CLONES void write_extra_i32(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
+  write_extra<int32_t>(r, x, pad, L, out);
+}
+PSM_SIMD_CLONES void write_extra_i64(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
+  write_extra<int64_t>(r, x, pad, L, out);
+}
+
+struct Scratch {
+  std::vector<int64_t> tok, mask, lab, extra;
+};
+
+struct Problem {
+  const int64_t* plan = nullptr;
+  int64_t B = 0, L = 0, Ll = 0;
+  int32_t kind = psm::kNoLabels;
+  Field tok, lab, mask;
+  std::vector<Field> extras;
+  std::vector<int64_t> extra_pads;
+  void* out[kNumOut] = {};
+  std::vector<void*> extra_out;
+  int64_t pad = 0, label_pad = 0, decoder_start = 0;
+  int64_t itemsize = 8;
+  bool has_mask = false;
+
+  bool needs_gil() const {
+    if (tok.has_seq || lab.has_seq || mask.has_seq) return true;
+    for (const auto& e : extras)
+      if (e.has_seq) return true;
+    return false;
+  }
+
+  // Example b: stage its inputs (this is where values are read and validated), then write its output rows.
+  bool row(int64_t b, Scratch& s, Failure* fl) const {
+    RowJob job{psm::load_row(plan, b), nullptr, nullptr, nullptr, L, Ll, pad, label_pad, decoder_start, kind, {}};
+    const psm::Row& r = job.r;
+    if ((job.tok = stage(tok, b, r.tok_src, r.tok_kept, s.tok, fl)) == nullptr) return false;
+    if (kind == psm::kDerivedLabels && has_mask &&
+        (job.mask = stage(mask, b, r.tok_src, r.tok_kept, s.mask, fl)) == nullptr)
+      return false;
+    if (kind == psm::kGivenLabels && (job.lab = stage(lab, b, r.lab_src, r.lab_kept, s.lab, fl)) == nullptr)
+      return false;
+    for (int i = 0; i < kNumOut; ++i) {
+      const int64_t width = (i == kLabels || i == kShift || i == kDecoder) ? Ll : L;
+      job.out[i] = out[i] ? static_cast<char*>(out[i]) + b * width * itemsize : nullptr;
+    }
+    (itemsize == 4 ? write_outputs_i32 : write_outputs_i64)(job);
+    for (size_t e = 0; e < extras.size(); ++e) {
+      const int64_t* x = stage(extras[e], b, r.tok_src, r.tok_kept, s.extra, fl);
+      if (x == nullptr) return false;
+      void* o = static_cast<char*>(extra_out[e]) + b * L * itemsize;
+      (itemsize == 4 ? write_extra_i32 : write_extra_i64)(r, x, extra_pads[e], L, o);
+    }
+    return true;
+  }
+
+  void rows(int64_t b0, int64_t b1, Failure* fl) const {
+    Scratch s;
+    for (int64_t b = b0; b < b1; ++b)
+      if (!row(b, s, fl)) return;
+  }
+};
+
+// ---- argument helpers ------------------------------------------------------------------------------------------
+
+// A read-only view of an int64 array passed from Python (the plan [B, 8], or offsets [B + 1]); released on exit.
+struct Int64View {
+  Py_buffer view{};
+  const int64_t* data = nullptr;
+  ~Int64View() {
+    if (view.obj != nullptr) PyBuffer_Release(&view);
+  }
+  // `obj` must be a C-contiguous int64 buffer of at least `count` elements (None allowed when `optional`).
+  bool open(PyObject* obj, const char* what, int64_t count, bool optional) {
+    if (obj == Py_None && optional) return true;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return false;
+    Elem elem;
+    if (!parse_format(view, &elem) || elem != Elem::kI64 || view.len < count * 8) {
+      PyErr_Format(PyExc_TypeError, "pyseqpack._C: %s must be a C-contiguous int64 array of >= %lld values", what,
+                   static_cast<long long>(count));
+      return false;
+    }
+    data = static_cast<const int64_t*>(view.buf);
+    return true;
+  }
+};
+
+bool as_i64(PyObject* o, const char* what, int64_t* v) {
+  *v = PyLong_AsLongLong(o);
+  if (*v == -1 && PyErr_Occurred()) {
+    PyErr_Format(PyExc_TypeError, "pyseqpack._C: argument %s must be an int", what);
+    return false;
+  }
+  return true;
+}
+
+template <typename T>
+T* as_ptr(PyObject* o, const char* what, bool* ok) {
+  const unsigned long long p = PyLong_AsUnsignedLongLong(o);
+  if (p == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Format(PyExc_TypeError, "pyseqpack._C: argument %s must be an address (int)", what);
+    *ok = false;
+    return nullptr;
+  }
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(p));
+}
+
+// Sets a field's accepted range: the output dtype's for values, 0..1 for masks.
+void set_range(Field& f, int64_t itemsize, bool is_mask) {
+  f.is_mask = is_mask;
+  if (is_mask) {
+    f.lo = 0;
+    f.hi = 1;
+  } else if (itemsize == 4) {
+    f.lo = INT32_MIN;
+    f.hi = INT32_MAX;
+  }
+}
+
+int64_t choose_threads(int64_t requested, int64_t B, int64_t work) {
+  if (requested > 0) return std::max<int64_t>(1, std::min(requested, B));
+  // A std::thread costs tens of microseconds: only worth it past ~a quarter million output elements each.
+  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, std::min({hw, B, work / (int64_t{1} << 18)}));
+}
+
+}  // namespace
+
+// ---- Python entry points ----------------------------------------------------------------------------------------
+
+// psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool). Checks that every row is a
+// list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`); reads no element. `other` is
+// True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which Python converts first).
+PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyUnicode_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "psm_row_lengths(rows, name: str)");
+    return nullptr;
+  }
+  Field f;
+  f.name = PyUnicode_AsUTF8(args[1]);
+  PyObject* seq = PySequence_Fast(args[0], "psm_row_lengths: expected a sequence of rows");
+  if (seq == nullptr) return nullptr;
+  const Py_ssize_t B = PySequence_Fast_GET_SIZE(seq);
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, B * static_cast<Py_ssize_t>(sizeof(int64_t)));
+  if (out == nullptr) {
+    Py_DECREF(seq);
+    return nullptr;
+  }
+  auto* lens = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(out));
+  bool other = false;
+  for (Py_ssize_t b = 0; b < B; ++b) {
+    PyObject* row = PySequence_Fast_GET_ITEM(seq, b);
+    if (PyList_Check(row) || PyTuple_Check(row)) {
+      lens[b] = PySequence_Fast_GET_SIZE(row);
+      continue;
+    }
+    if (!PyObject_CheckBuffer(row) && !PyUnicode_Check(row) && !PyDict_Check(row)) {
+      const Py_ssize_t n = PyObject_Length(row);
+      if (n >= 0) {
+        lens[b] = n;
+        other = true;
+        continue;
+      }
+      PyErr_Clear();
+    }
+    RowSource src;
+    const bool ok = open_source(row, f, b, &src);
+    Py_XDECREF(src.seq);
+    if (!ok) {
+      Py_DECREF(seq);
+      Py_DECREF(out);
+      return nullptr;
+    }
+    lens[b] = src.len;
+  }
+  Py_DECREF(seq);
+  return Py_BuildValue("(NO)", out, other ? Py_True : Py_False);
+}
+
+// psm_fill(plan, B, L, Ll, tokens, tok_bases, labels_kind, labels, lab_bases, loss_masks, extras, outs,
+//      extra_outs, pad_token_id, label_pad_token_id, decoder_start_token_id, out_itemsize, num_threads)
+//
+//   plan           int64 [B, 8] array (pad_shift_mask.h); *_src are row-relative for row sequences,
+//                  absolute for a flat buffer
+//   tokens         sequence of B rows, or one flat 1-D buffer (then tok_bases = its int64 offsets, else None)
+//   labels_kind    0 none, 1 derived from tokens, 2 given in `labels` (rows, or flat with lab_bases)
+//   loss_masks     None, or 0/1 values in the same form as tokens (same indices)
+//   extras         tuple of (name, values in the same form as tokens, pad value)
+//   outs           tuple of 7 addresses (0 = not requested): input_ids, attention_mask, labels,
+//                  decoder_input_ids, shift_labels, position_ids, loss_mask; [B, L] or [B, Ll], C-contiguous
+//   extra_outs     tuple of addresses, one [B, L] output per extra
+//   out_itemsize   4 (int32 outputs) or 8 (int64)
+//   num_threads    0 = automatic; threads are only used when no row is a Python sequence
+PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 18) {
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 18 positional arguments");
+    return nullptr;
+  }
+  Problem p;
+  bool ok = true;
+  int64_t B, itemsize, kind, requested_threads;
+  if (!as_i64(args[1], "B", &B) || !as_i64(args[2], "L", &p.L) || !as_i64(args[3], "Ll", &p.Ll) ||
+      !as_i64(args[6], "labels_kind", &kind) || !as_i64(args[13], "pad_token_id", &p.pad) ||
+      !as_i64(args[14], "label_pad_token_id", &p.label_pad) ||
+      !as_i64(args[15], "decoder_start_token_id", &p.decoder_start) || !as_i64(args[16], "out_itemsize", &itemsize) ||
+      !as_i64(args[17], "num_threads", &requested_threads))
+    return nullptr;
+  if (itemsize != 4 && itemsize != 8) {
+    PyErr_SetString(PyExc_ValueError, "pyseqpack._C.psm_fill: out_itemsize must be 4 or 8");
+    return nullptr;
+  }
+  p.B = B;
+  p.kind = static_cast<int32_t>(kind);
+  p.itemsize = itemsize;
+
+  Int64View plan, tok_offsets, lab_offsets;
+  if (!plan.open(args[0], "plan", B * psm::kPlanStride, false) || !tok_offsets.open(args[5], "tok_bases", B, true) ||
+      !lab_offsets.open(args[8], "lab_bases", B, true))
+    return nullptr;
+  p.plan = plan.data;
+  const int64_t* tok_bases = tok_offsets.data;
+  const int64_t* lab_bases = lab_offsets.data;
+  p.tok.name = "input_ids";
+  p.tok.bases = tok_bases;
+  set_range(p.tok, itemsize, false);
+  if (!open_field(args[4], p.tok, B, tok_bases != nullptr)) return nullptr;
+  if (p.kind == psm::kGivenLabels) {
+    p.lab.name = "labels";
+    p.lab.bases = lab_bases;
+    set_range(p.lab, itemsize, false);
+    if (!open_field(args[7], p.lab, B, lab_bases != nullptr)) return nullptr;
+  }
+  if (args[9] != Py_None) {
+    p.has_mask = true;
+    p.mask.name = "loss_masks";
+    p.mask.bases = tok_bases;
+    set_range(p.mask, itemsize, true);
+    if (!open_field(args[9], p.mask, B, tok_bases != nullptr)) return nullptr;
+  }
+  if (!PyTuple_Check(args[10]) || !PyTuple_Check(args[11]) || !PyTuple_Check(args[12]) ||
+      PyTuple_GET_SIZE(args[11]) != kNumOut || PyTuple_GET_SIZE(args[12]) != PyTuple_GET_SIZE(args[10])) {
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: extras, outs, extra_outs must be tuples (outs of 7)");
+    return nullptr;
+  }
+  const Py_ssize_t E = PyTuple_GET_SIZE(args[10]);
+  p.extras = std::vector<Field>(static_cast<size_t>(E));
+  p.extra_pads.resize(static_cast<size_t>(E));
+  p.extra_out.resize(static_cast<size_t>(E));
+  for (Py_ssize_t e = 0; e < E; ++e) {
+    PyObject* item = PyTuple_GET_ITEM(args[10], e);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+      PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: each extra must be (name, values, pad)");
+      return nullptr;
+    }
+    Field& f = p.extras[e];
+    f.name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
+    f.bases = tok_bases;
+    set_range(f, itemsize, false);
+    if (!as_i64(PyTuple_GET_ITEM(item, 2), "extra pad", &p.extra_pads[e]) ||
+        !open_field(PyTuple_GET_ITEM(item, 1), f, B, tok_bases != nullptr))
+      return nullptr;
+    p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(args[12], e), "extra_outs", &ok);
+  }
+  for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(args[11], i), "outs", &ok);
+  if (!ok) return nullptr;
+
+  int n_out = 0;
+  for (void* o : p.out) n_out += o != nullptr;
+  n_out += static_cast<int>(E);
+  const int64_t work = B * std::max(p.L, p.Ll) * n_out;
+  const int64_t threads = p.needs_gil() ? 1 : choose_threads(requested_threads, B, work);
+
+  auto run = [&](int64_t b0, int64_t b1, Failure* fl) { p.rows(b0, b1, fl); };
+  Failure first;
+  if (p.needs_gil()) {
+    run(0, B, &first);
+  } else {
+    std::vector<Failure> failures(static_cast<size_t>(threads));
+    Py_BEGIN_ALLOW_THREADS;
+    if (threads == 1) {
+      run(0, B, &failures[0]);
+    } else {
+      std::vector<std::thread> pool;
+      for (int64_t t = 0; t < threads; ++t)
+        pool.emplace_back(run, B * t / threads, B * (t + 1) / threads, &failures[t]);
+      for (auto& th : pool) th.join();
+    }
+    Py_END_ALLOW_THREADS;
+    for (auto& f : failures)
+      if (f.fault != Fault::kNone && f.row < first.row) first = f;
+  }
+  if (first.fault != Fault::kNone) {
+    raise_failure(first);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// psm_gather(values, name, plan, B, which, bases, out, out_itemsize, is_mask)
+//
+// Packs every example's KEPT values (plan columns kTokSrc/kTokKept when which = 0, kLabSrc/kLabKept when
+// which = 1) back to back into `out` (int32 or int64, sum of kept elements), reading and validating them
+// exactly like fill. The device backends use it to turn host rows into one flat buffer for a single copy.
+PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 9 || !PyUnicode_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_gather takes 9 positional arguments");
+    return nullptr;
+  }
+  bool ok = true;
+  int64_t B, which, itemsize, is_mask;
+  void* out = as_ptr<void>(args[6], "out", &ok);
+  if (!ok || !as_i64(args[3], "B", &B) || !as_i64(args[4], "which", &which) ||
+      !as_i64(args[7], "out_itemsize", &itemsize) || !as_i64(args[8], "is_mask", &is_mask))
+    return nullptr;
+  Int64View plan_view, bases_view;
+  if (!plan_view.open(args[2], "plan", B * psm::kPlanStride, false) || !bases_view.open(args[5], "bases", B, true))
+    return nullptr;
+  const int64_t* plan = plan_view.data;
+  Field f;
+  f.name = PyUnicode_AsUTF8(args[1]);
+  f.bases = bases_view.data;
+  set_range(f, itemsize, is_mask != 0);
+  if (!open_field(args[0], f, B, f.bases != nullptr)) return nullptr;
+  const int src_col = which == 0 ? psm::kTokSrc : psm::kLabSrc;
+  const int kept_col = which == 0 ? psm::kTokKept : psm::kLabKept;
+  std::vector<int64_t> scratch;
+  Failure fl;
+  int64_t pos = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t* row = plan + b * psm::kPlanStride;
+    const int64_t* v = stage(f, b, row[src_col], row[kept_col], scratch, &fl);
+    if (v == nullptr) {
+      raise_failure(fl);
+      return nullptr;
+    }
+    if (itemsize == 8) {
+      std::memcpy(static_cast<int64_t*>(out) + pos, v, static_cast<size_t>(row[kept_col]) * sizeof(int64_t));
+    } else {
+      int32_t* o = static_cast<int32_t*>(out) + pos;
+      for (int64_t k = 0; k < row[kept_col]; ++k) o[k] = static_cast<int32_t>(v[k]);
+    }
+    pos += row[kept_col];
+  }
+  Py_RETURN_NONE;
+}

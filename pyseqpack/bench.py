@@ -1,0 +1,423 @@
+"""`python -m pyseqpack bench [--suite collate|ce|all] [--quick] [--out DIR] ...`
+
+Runs the benchmark files of the ``bench/`` folder of a pyseqpack checkout through pytest-benchmark (all
+implementations of a comparison in one run), then turns pytest-benchmark's JSON into
+
+* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals,
+* ``results.md``     the same as markdown tables,
+* ``speedup.png``    speedup against sequence length (collation) and vocabulary size (cross-entropy),
+
+next to the raw ``benchmark.json``, in ``--out`` (default ``bench/results/<device>-<date>/``). All of them
+carry the device, library versions, date and the exact command.
+
+Each benchmark's ``extra_info`` (written by ``bench/helpers.py``) holds its suite, implementation, role
+(``baseline`` / ``ours`` / ``other`` / ``reference``), shape fields and byte count: everything here is
+computed from that JSON, so a JSON from another machine can be re-rendered with ``--from-json``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SUITE_FILES = {"collate": ["bench_collate.py"], "ce": ["bench_cross_entropy.py"]}
+SUITE_FILES["all"] = SUITE_FILES["collate"] + SUITE_FILES["ce"]
+
+# Distributions whose versions every result records (read from metadata: nothing is imported).
+VERSIONED = ("pyseqpack", "torch", "triton", "numpy", "transformers", "tokenizers", "trl", "liger-kernel",
+             "quack-kernels", "pytest-benchmark", "matplotlib")
+
+
+class BenchError(RuntimeError):
+    """A problem with the command line or the benchmark folder; main() prints it and returns 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def environment(device=None) -> dict:
+    """Device, versions and date of this run, as recorded in every output file.
+
+    device: "cpu", "cuda" or None (CUDA when available).
+    """
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = str(device).split(":")[0]
+    cores = os.cpu_count() or 1
+    cpu = f"{_cpu_model()}, {cores} cores"
+    if kind == "cuda":
+        name = torch.cuda.get_device_name(0)
+        desc, slug = f"{name} (CUDA {torch.version.cuda}); host CPU {cpu}", _slug(name)
+    else:
+        desc, slug = f"CPU only: {cpu}", f"cpu-{cores}cores"
+    versions = {"python": platform.python_version()}
+    for dist in VERSIONED:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "device": desc,
+        "device_kind": kind,
+        "device_slug": slug,
+        "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
+        # Other work on the machine skews CPU timings: the 1/5/15-minute load averages when this was written.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# From pytest-benchmark's JSON to rows, goals, markdown and a plot
+# ----------------------------------------------------------------------------------------------------
+
+def summarize(raw: dict) -> dict:
+    """Rows (one per benchmark) with speedup over their group's baseline and GB/s, plus the goals.
+
+    raw: pytest-benchmark's JSON (``{"benchmarks": [...], "pyseqpack": {...}}``).
+    speedup = baseline median / median (same group); gbps = extra_info bytes / median / 1e9.
+    """
+    rows = []
+    for b in raw.get("benchmarks", []):
+        info = dict(b.get("extra_info") or {})
+        st = b["stats"]
+        median = float(st["median"])
+        nbytes = info.get("bytes")
+        rows.append({
+            "suite": info.get("suite", "?"),
+            "group": b.get("group") or b["name"],
+            "name": b["name"],
+            "impl": info.get("impl", b["name"]),
+            "role": info.get("role", "other"),
+            "median_s": median,
+            "min_s": float(st.get("min", median)),
+            "iqr_s": float(st.get("iqr", 0.0)),
+            "rounds": int(st.get("rounds", 0)),
+            "bytes": nbytes,
+            "gbps": (nbytes / median / 1e9) if nbytes and median > 0 else None,
+            "peak_mem_bytes": info.get("peak_mem_bytes"),
+            "info": info,
+        })
+    baselines = {}
+    for r in rows:
+        if r["role"] == "baseline":
+            if r["group"] in baselines:
+                raise ValueError(f"group {r['group']!r} has two baselines: {baselines[r['group']]['name']!r} "
+                                 f"and {r['name']!r}")
+            baselines[r["group"]] = r
+    references = {r["group"]: r for r in rows if r["role"] == "reference"}
+    for r in rows:
+        base = baselines.get(r["group"])
+        r["baseline"] = base["impl"] if base else None
+        r["speedup"] = base["median_s"] / r["median_s"] if base and r["median_s"] > 0 else None
+    goals = [_goal(r, references.get(r["group"])) for r in rows if r["info"].get("goal")]
+    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals}
+
+
+def _goal(row: dict, reference) -> dict:
+    """Evaluate the goal a benchmark declared in extra_info["goal"].
+
+    kinds: "speedup_at_least" (value, optional target): speedup over the baseline >= value;
+           "median_below_us" (value): median time below value microseconds;
+           "vs_reference_gbps": GB/s as a fraction of the group's reference row (memcpy); reported, no verdict.
+    """
+    g = row["info"]["goal"]
+    out = {"group": row["group"], "impl": row["impl"], "goal": g.get("label", g["kind"])}
+    if g["kind"] == "speedup_at_least":
+        s = row["speedup"]
+        out["measured"] = None if s is None else f"{s:.1f}x vs {row['baseline']}"
+        target = f", target {g['target']}x" if g.get("target") else ""
+        out["wanted"] = f">= {g['value']}x{target}"
+        out["met"] = None if s is None else s >= g["value"]
+    elif g["kind"] == "median_below_us":
+        us = row["median_s"] * 1e6
+        out["measured"] = f"{us:.1f} us"
+        out["wanted"] = f"< {g['value']} us"
+        out["met"] = us < g["value"]
+    elif g["kind"] == "vs_reference_gbps":
+        if reference is None or not reference["gbps"] or row["gbps"] is None:
+            out["measured"] = None
+        else:
+            out["measured"] = (f"{row['gbps']:.2f} GB/s = {100 * row['gbps'] / reference['gbps']:.0f}% of "
+                               f"{reference['impl']} ({reference['gbps']:.2f} GB/s)")
+        out["wanted"] = "near memcpy speed (reported)"
+        out["met"] = None
+    else:
+        raise ValueError(f"unknown goal kind {g['kind']!r} in benchmark {row['name']!r}")
+    return out
+
+
+def _fmt_time(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1.0:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def _fmt(v, spec, empty="-"):
+    return empty if v is None else format(v, spec)
+
+
+def render_markdown(summary: dict, plot_name=None) -> str:
+    meta = summary["meta"]
+    lines = [f"# pyseqpack benchmarks: {meta.get('label') or meta.get('device', '?')}", ""]
+    if meta.get("label"):
+        lines.append(f"- machine: {meta['label']}")
+    lines.append(f"- device: {meta.get('device', '?')}")
+    lines.append(f"- date: {meta.get('date', '?')}")
+    lines.append(f"- command: `{meta.get('command', '?')}`")
+    if meta.get("pytest_command"):
+        lines.append(f"- pytest command: `{meta['pytest_command']}`")
+    lines.append(f"- mode: {meta.get('mode', '?')}, cold L2: {meta.get('cold_l2', '?')}, "
+                 f"torch threads: {meta.get('torch_threads', '?')}, "
+                 f"CPU collation threads: {meta.get('collate_threads', '?')}")
+    for key, when in (("load_average_start", "start"), ("load_average", "end")):
+        if meta.get(key):
+            lines.append(f"- load average at the {when} (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in meta[key]))
+    vers = meta.get("versions") or {}
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v))
+    lines.append("")
+    lines.append("Speedup = the group's baseline median / this median (higher is better). GB/s = the bytes "
+                 "listed in each suite's notes / median. Peak memory: CUDA only, above the live inputs. "
+                 "The minimum shows how far other load on the machine pushed the median.")
+    if summary["goals"]:
+        lines += ["", "## Goals", "", "| goal | implementation | measured | wanted | met |", "|---|---|---|---|---|"]
+        for g in summary["goals"]:
+            met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
+            lines.append(f"| {g['goal']} | {g['impl']} | {g['measured'] or 'not measured'} | {g['wanted']} | {met} |")
+    notes = {
+        "collate": "bytes = output bytes (every tensor of the batch); the list/numpy groups run on the CPU.",
+        "ce": "bytes = one read of the logits + one write of their gradient (2 x N x V x element size); "
+              "every row is forward + backward (+ token accuracy unless marked loss-only).",
+    }
+    suites = {r["suite"] for r in summary["rows"]}
+    for suite in [s for s in ("collate", "ce") if s in suites] + sorted(suites - {"collate", "ce"}):
+        lines += ["", f"## {suite}", ""]
+        if suite in notes:
+            lines += [notes[suite], ""]
+        lines += ["| group | implementation | median | min | IQR | speedup | GB/s | peak mem |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted((r for r in summary["rows"] if r["suite"] == suite), key=_row_order):
+            peak = r["peak_mem_bytes"]
+            lines.append(
+                f"| {r['group']} | {r['impl']}{' (baseline)' if r['role'] == 'baseline' else ''} "
+                f"| {_fmt_time(r['median_s'])} | {_fmt_time(r['min_s'])} | {_fmt_time(r['iqr_s'])} "
+                f"| {_fmt(r['speedup'], '.2f')}{'x' if r['speedup'] is not None else ''} "
+                f"| {_fmt(r['gbps'], '.2f')} | {_fmt(None if peak is None else peak / 2**20, '.0f')}"
+                f"{' MiB' if peak is not None else ''} |"
+            )
+    if plot_name:
+        lines += ["", f"![speedup]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+_ROLE_ORDER = {"baseline": 0, "ours": 1, "other": 2, "reference": 3}
+
+
+def _row_order(r):
+    return (r["info"].get("order", 0), r["group"], _ROLE_ORDER.get(r["role"], 9), r["impl"])
+
+
+def plot(summary: dict, path) -> bool:
+    """Speedup over the baseline against sequence length (collate) and vocab size (ce). False if no data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    panels = []
+    for suite, xkey, xlabel, series_keys in (
+        ("collate", "max_len", "longest row in the batch (tokens)", ("impl", "input")),
+        ("ce", "vocab", "vocabulary size V", ("impl", "tokens", "dtype")),
+    ):
+        lines = {}
+        for r in summary["rows"]:
+            if r["suite"] != suite or r["role"] in ("baseline", "reference") or r["speedup"] is None:
+                continue
+            x = r["info"].get(xkey)
+            if x is None:
+                continue
+            label = " ".join(f"{r['info'][k]}" if k == "impl" else f"{k}={r['info'].get(k)}"
+                             for k in series_keys if k == "impl" or r["info"].get(k) is not None)
+            lines.setdefault(label, []).append((x, r["speedup"]))
+        if lines:
+            panels.append((suite, xlabel, lines))
+    if not panels:
+        return False
+    meta = summary["meta"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
+    for ax, (suite, xlabel, lines) in zip(axes[0], panels):
+        for label, pts in sorted(lines.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("speedup over baseline (x)")
+        base = sorted({r["baseline"] for r in summary["rows"] if r["suite"] == suite and r["baseline"]})
+        ax.set_title(f"{suite}: baseline = {'; '.join(base)}", fontsize=8)
+        ax.legend(fontsize=6)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"pyseqpack, {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')}\n"
+                 f"{meta.get('command', '')}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(raw: dict, out: Path) -> dict:
+    """summary.json, results.md and speedup.png in ``out``; returns the summary."""
+    summary = summarize(raw)
+    has_plot = plot(summary, out / "speedup.png")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(render_markdown(summary, "speedup.png" if has_plot else None))
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def find_bench_dir(explicit=None) -> Path:
+    """The bench/ folder: --bench-dir, else next to the package's source checkout, else ./bench."""
+    if explicit is not None:
+        cands = [Path(explicit)]
+    else:
+        cands = [Path(__file__).resolve().parent.parent / "bench", Path.cwd() / "bench"]
+    for c in cands:
+        if all((c / f).is_file() for f in SUITE_FILES["all"] + ["conftest.py"]):
+            return c.resolve()
+    tried = ", ".join(str(c) for c in cands)
+    where = "--bench-dir" if explicit is not None else "the bench/ folder"
+    raise BenchError(
+        f"{where} not found: looked for {', '.join(SUITE_FILES['all'])} and conftest.py in {tried}. "
+        "The benchmarks live in the pyseqpack source checkout (they are not installed with the package): "
+        "run from the checkout or pass --bench-dir PATH/TO/pyseqpack/bench."
+    )
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="python -m pyseqpack bench",
+        description="Run pyseqpack's benchmarks (pytest-benchmark) and write JSON, markdown and a plot.",
+        epilog="Arguments after `--` go to pytest unchanged (e.g. -- -k numpy).",
+    )
+    p.add_argument("--suite", choices=sorted(SUITE_FILES), default="all", help="which benchmarks (default all)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--quick", action="store_true", help="fewer shapes and rounds (a few minutes on CPU)")
+    speed.add_argument("--smoke", action="store_true",
+                       help="tiny shapes, few rounds: checks the harness, the numbers mean nothing")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results/<device>-<date>/)")
+    p.add_argument("--bench-dir", type=Path, help="the bench/ folder (default: next to the source checkout)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   help="device of the device benchmarks (default: cuda if available)")
+    p.add_argument("--cold-l2", action="store_true", help="flush the caches before every timed round")
+    p.add_argument("--label", help='machine description for the reports, e.g. "CPU-only dev box, 2 cores"')
+    p.add_argument("--from-json", type=Path, help="only re-render reports from an existing benchmark.json")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = "python -m pyseqpack bench" + ("" if not argv else " " + shlex.join(argv))
+    extra = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, extra, command)
+    except BenchError as e:
+        print(f"pyseqpack bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args, extra, command) -> int:
+    if args.from_json is not None:
+        if not args.from_json.is_file():
+            raise BenchError(f"--from-json {args.from_json}: no such file")
+        raw = json.loads(args.from_json.read_text())
+        out = args.out or args.from_json.parent
+        out.mkdir(parents=True, exist_ok=True)
+        write_reports(raw, out)
+        print(f"pyseqpack bench: reports written to {out}")
+        return 0
+
+    import torch
+
+    bench_dir = find_bench_dir(args.bench_dir)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: torch sees no CUDA device here")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    out = args.out or bench_dir / "results" / f"{env['device_slug']}-{env['date'][:10]}"
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    raw_path = out / "benchmark.json"
+    if raw_path.exists():
+        raw_path.unlink()  # never report a stale JSON if this run writes none
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+
+    cmd = [sys.executable, "-m", "pytest", *[str(bench_dir / f) for f in SUITE_FILES[args.suite]],
+           "-c", str(bench_dir / "pytest.ini"), "--rootdir", str(bench_dir), "-p", "no:cacheprovider",
+           f"--benchmark-json={raw_path}", "--benchmark-group-by=group", "--benchmark-sort=name",
+           "--benchmark-columns=median,iqr,rounds", f"--bench-mode={mode}", f"--bench-device={device}"]
+    if args.cold_l2:
+        cmd.append("--cold-l2")
+    cmd += extra
+    child_env = dict(os.environ)
+    # Under TRITON_INTERPRET=1 Triton would "run" on CPU tensors through its interpreter: timings of that
+    # are meaningless, so the benchmarks never run with it (the test suite sets it for correctness only).
+    child_env.pop("TRITON_INTERPRET", None)
+    child_env["PYSEQPACK_BENCH_COMMAND"] = command
+    if args.label:
+        child_env["PYSEQPACK_BENCH_LABEL"] = args.label
+    print(f"pyseqpack bench: {shlex.join(cmd)}", flush=True)
+    rc = subprocess.run(cmd, cwd=str(bench_dir), env=child_env).returncode
+    if not raw_path.is_file():
+        print(f"pyseqpack bench: pytest exited with {rc} and wrote no {raw_path}", file=sys.stderr)
+        return rc or 1
+    raw = json.loads(raw_path.read_text())
+    summary = write_reports(raw, out)
+    print()
+    print(render_markdown(summary))
+    print(f"pyseqpack bench: wrote {raw_path.name}, summary.json, results.md, speedup.png in {out}")
+    if rc != 0:
+        print(f"pyseqpack bench: pytest exited with {rc} (failures above); the reports cover what ran",
+              file=sys.stderr)
+    return rc

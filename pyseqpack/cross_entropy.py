@@ -1,0 +1,698 @@
+"""Fused cross-entropy: loss, gradient and token-accuracy counts from one pass over the logits.
+
+Public API
+----------
+* ``fused_cross_entropy(logits, labels, ...) -> CrossEntropyOutput(loss, num_correct, num_tokens, accuracy)``:
+  pyseqpack's own op (ignore_index, label smoothing, z-loss, softcap, shift, transformers' num_items_in_batch),
+  with token accuracy computed in the same kernel (TRL's ``mean_token_accuracy`` without the extra argmax pass).
+* ``cross_entropy(input, target, weight=None, ...)``: drop-in for ``torch.nn.functional.cross_entropy`` on
+  [N, C] inputs with class-index targets (class weights and label smoothing included, NaN for a mean over zero
+  valid targets, as torch). Anything else goes to torch itself.
+
+Semantics (/work/shared/SEMANTICS.md, "Cross-entropy, as pyseqpack defines it"), for a row x of V logits in fp32
+and label y:
+    x <- softcap * tanh(x / softcap)                         (when softcap is given)
+    lse = log(sum(exp(x)))
+    loss = (1 - eps) * (lse - x[y]) + eps * (lse - mean(x)) + z * lse^2     (eps = label_smoothing, z = z_loss)
+A label equal to ignore_index counts for nothing (loss 0, gradient 0, not counted). Reductions: "mean" = sum /
+number of valid tokens (0 when there are none, with a zero gradient), "sum", "none" (shaped like labels);
+``num_items_in_batch`` = sum / that count. Accuracy: argmax(x) == y over valid tokens, ties to the first index.
+
+How it runs
+-----------
+The gradient is computed in the forward, by the same kernel that computes the loss (the row was just read, so
+the second sweep that writes the gradient mostly hits L2 on a GPU). ``grad_scale`` (1/num_valid, ...) is a
+device tensor read by the kernel: nothing here syncs with the host, so a training step can be captured in a CUDA
+graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips even
+that on the device when the factor is exactly 1.0 (the usual ``loss.backward()``).
+
+Backends, one ``torch.library`` op for all of them:
+* "cuda"   ``pyseqpack.cross_entropy_cuda`` (csrc/cross_entropy.cu; needs the library built with nvcc)
+* "triton" ``pyseqpack.kernels.cross_entropy`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
+* "torch"  the reference and the CPU path (below), in chunks of rows so that no fp32 copy of the whole logits
+           is ever held
+* "auto"   CUDA tensor: cuda if built, else triton, else torch (also on a launch failure); CPU tensor: torch.
+
+The ops ``pyseqpack::cross_entropy_fwd_bwd`` (functional, with a registered autograd formula),
+``pyseqpack::cross_entropy_fwd_bwd_inplace`` (writes the gradient into the logits) and
+``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, so ``torch.compile(fullgraph=True)`` traces
+through ``fused_cross_entropy`` and ``cross_entropy`` without a graph break.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+import os
+import warnings
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _native
+
+__all__ = ["CrossEntropyOutput", "fused_cross_entropy", "cross_entropy", "TORCH_CHUNK_BYTES"]
+
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_LABEL_DTYPES = (torch.int64, torch.int32)
+_REDUCTIONS = ("mean", "sum", "none")
+_BACKENDS = ("auto", "cuda", "triton", "torch")
+
+# The torch backend upcasts this many bytes of logits rows to fp32 at a time (its temporaries are a few times
+# that): bounded memory whatever N is, while each chunk stays large enough for torch's vectorized kernels.
+TORCH_CHUNK_BYTES = 32 << 20
+
+
+class CrossEntropyOutput(NamedTuple):
+    """Result of ``fused_cross_entropy``; every field is a tensor on the logits' device (no host sync).
+
+    loss         float32: scalar for reduction "mean"/"sum", shaped like labels for "none"
+    num_correct  int64 scalar: valid tokens whose argmax equals the label
+    num_tokens   int64 scalar: valid tokens (label != ignore_index)
+    accuracy     float32 scalar: num_correct / num_tokens, 0 when num_tokens == 0
+    """
+
+    loss: Tensor
+    num_correct: Tensor
+    num_tokens: Tensor
+    accuracy: Tensor
+
+
+def _label_checks_default() -> bool:
+    return os.environ.get("PYSEQPACK_CHECK_LABELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch backend: reference implementation of the row-kernel contract (see kernels/cross_entropy.py:fwd_bwd)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def torch_fwd_bwd(
+    logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap,
+    class_weight=None,
+):
+    """The row-kernel contract in plain torch, TORCH_CHUNK_BYTES of fp32 rows at a time.
+
+    Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd``, plus ``class_weight`` ([V] float, or None):
+    torch's weighted formula, used by the ``cross_entropy`` drop-in when class weights meet label smoothing:
+        loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
+        d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
+    Reads each chunk of logits once (the fp32 copy is reused for the gradient), so it is safe with
+    ``grad is logits``: a chunk's gradient is written only after everything it needs was computed.
+    """
+    n, v = logits.shape
+    eps, z = float(label_smoothing), float(z_loss)
+    cap = float(softcap) if softcap is not None and softcap > 0 else None
+    rows = max(1, TORCH_CHUNK_BYTES // (4 * max(v, 1)))
+    w = w_sum = None
+    if class_weight is not None:
+        w = class_weight.to(torch.float32)
+        w_sum = w.sum()
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        x = logits[r0:r1].float()
+        if cap is not None:
+            t = torch.tanh(x / cap)
+            x = t * cap
+        y = labels[r0:r1].long()
+        valid = (y != ignore_index) & (y >= 0) & (y < v)
+        y0 = torch.where(valid, y, 0)
+        lse_c = torch.logsumexp(x, dim=-1)
+        nll = lse_c - x.gather(1, y0[:, None])[:, 0]
+        if w is None:
+            row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - x.mean(-1))
+        else:
+            w_y = w[y0]
+            row_loss = (1 - eps) * w_y * nll + (eps / v) * (w_sum * lse_c - x @ w)
+        if z != 0:
+            row_loss = row_loss + z * lse_c * lse_c
+        loss[r0:r1] = torch.where(valid, row_loss, 0.0)
+        lse[r0:r1] = lse_c
+        correct[r0:r1] = (valid & (x.argmax(-1) == y)).to(torch.int32)
+        if grad is None:
+            continue
+        p = torch.exp(x - lse_c[:, None])
+        if w is None:
+            g = p * (1 + 2 * z * lse_c)[:, None]
+            if eps != 0:
+                g -= eps / v
+            hot = torch.full_like(lse_c, 1 - eps)
+        else:
+            g = p * ((1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c)[:, None] - (eps / v) * w
+            hot = (1 - eps) * w_y
+        g.scatter_add_(1, y0[:, None], -hot[:, None])
+        if cap is not None:
+            g *= 1 - t * t
+        g *= grad_scale
+        grad[r0:r1] = torch.where(valid[:, None], g, 0.0)
+
+
+def torch_scale_grad_(grad, grad_output):
+    """grad *= grad_output (1 element, or one per row), the contract of ``scale_grad_`` in plain torch."""
+    f = grad_output.reshape(-1)
+    if grad.device.type == "cpu" and bool((f == 1).all()):
+        return  # a CPU "sync" is free; on other devices we multiply rather than ask the host
+    grad.mul_(f[:, None] if f.numel() > 1 else f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend selection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _TorchBackend:
+    fwd_bwd = staticmethod(torch_fwd_bwd)
+    scale_grad_ = staticmethod(torch_scale_grad_)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cuda_backend():
+    if not _native.cuda_built():
+        return None, _native._load_cuda()[1]
+    try:
+        return importlib.import_module("pyseqpack.cross_entropy_cuda"), None
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable", reported when asked for by name
+        return None, f"pyseqpack.cross_entropy_cuda is not importable ({type(e).__name__}: {e})"
+
+
+def _backend_module(name: str, device: torch.device):
+    """The module implementing the row-kernel contract for ``name``; BackendUnavailable with a reason if none."""
+    if name == "torch":
+        return _TorchBackend
+    if name == "triton":
+        _native.require_triton(device)
+        return importlib.import_module("pyseqpack.kernels.cross_entropy")
+    if name == "cuda":
+        mod, err = _load_cuda_backend()
+        if mod is None:
+            raise _native.BackendUnavailable(f'backend "cuda" is unavailable: {err}')
+        if device.type != "cuda":
+            raise _native.BackendUnavailable(f'backend "cuda" needs CUDA tensors, got logits on {device}')
+        return mod
+    raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
+
+
+def _candidates(backend: str, device: torch.device) -> list:
+    if backend != "auto":
+        return [backend]
+    if device.type != "cuda":
+        return ["torch"]
+    out = []
+    if _load_cuda_backend()[0] is not None:
+        out.append("cuda")
+    if _native.triton_available(device):
+        out.append("triton")
+    return out + ["torch"]
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(name: str, err: str) -> None:
+    warnings.warn(f'pyseqpack cross-entropy: backend "{name}" failed ({err}); falling back', RuntimeWarning,
+                  stacklevel=3)
+
+
+def _dispatch(backend: str, device: torch.device, run) -> None:
+    """Call ``run(module)`` with the first usable backend; "auto" falls back on import *and* launch errors."""
+    names = _candidates(backend, device)
+    for i, name in enumerate(names):
+        try:
+            run(_backend_module(name, device))
+            return
+        except Exception as e:  # noqa: BLE001
+            if backend != "auto" or i == len(names) - 1:
+                raise
+            _warn_fallback(name, f"{type(e).__name__}: {e}")
+
+
+def _row_views(t: Tensor, row0: int = 0) -> list:
+    """(first row, [rows, V] view) pieces covering ``t`` [..., V] in row-major order, without copying.
+
+    One piece when the leading dims merge into a single row stride (any contiguous tensor, or a slice
+    ``big[:, :V]``); otherwise (e.g. ``logits[:, :-1]`` of a [B, T, V] tensor) one piece per index of the
+    leading dims that do not merge, each a launch over uniformly strided rows.
+    """
+    v = t.shape[-1]
+    if t.dim() == 1:
+        return [(row0, t.unsqueeze(0))]
+    try:
+        return [(row0, t.view(-1, v))]
+    except RuntimeError:
+        pieces, per = [], math.prod(t.shape[1:-1])
+        for i in range(t.shape[0]):
+            pieces += _row_views(t[i], row0 + i * per)
+        return pieces
+
+
+def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
+         softcap, backend):
+    """Fill per-row loss (scaled by grad_scale and row_weight), lse, correct, and ``grad`` when given."""
+    n, v = labels.numel(), logits.shape[-1]
+    dev = logits.device
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    correct = torch.empty(n, dtype=torch.int32, device=dev)
+    flat_labels = labels.reshape(-1).contiguous()
+    pieces = _row_views(logits)
+    # a new gradient buffer is contiguous: its rows line up with the logits' pieces by row index
+    grad2d = None if grad is None or grad is logits else grad.view(-1, v)
+    scale = grad_scale.reshape(1).to(torch.float32)
+    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if class_weight is not None:
+        opts["class_weight"] = class_weight
+        backend = "torch"
+
+    def run(mod):
+        for r0, x2 in pieces:
+            r1 = r0 + x2.shape[0]
+            g2 = x2 if grad is logits else (None if grad2d is None else grad2d[r0:r1])
+            lab = flat_labels[r0:r1]
+            if lab.data_ptr() % 16:
+                lab = lab.clone()  # int64 loads from a pointer that is not 16-byte aligned: see STYLE.md pitfalls
+            mod.fwd_bwd(x2, lab, loss[r0:r1], lse[r0:r1], correct[r0:r1], g2, scale, **opts)
+
+    _dispatch(backend, dev, run)
+    loss = loss * scale
+    if row_weight is not None:
+        loss = loss * row_weight.reshape(-1)
+    return loss, lse, correct
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.library ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd", mutates_args=())
+def _fwd_bwd_op(
+    logits: Tensor,
+    labels: Tensor,
+    grad_scale: Tensor,
+    row_weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    compute_grad: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits.
+
+    logits [..., V] fp32/bf16/fp16 (stride(-1) == 1), labels [...] int64/int32, grad_scale [1] fp32 (device),
+    row_weight [...] fp32 or None (per-row factor: class weights of the targets), class_weight [V] or None
+    (torch backend). Returns loss [N] fp32 = grad_scale * row_weight * per-row loss, lse [N] fp32,
+    correct [N] int32, grad (logits' shape and dtype, contiguous; grad_scale * d loss_i / d logits, *without*
+    row_weight, which backward applies) or an empty tensor when compute_grad is False.
+    """
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
+    loss, lse, correct = _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index,
+                              label_smoothing, z_loss, softcap, backend)
+    return loss, lse, correct, grad if grad is not None else logits.new_empty(0)
+
+
+@_fwd_bwd_op.register_fake
+def _(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+      compute_grad, backend):
+    n = labels.numel()
+    return (
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.int32),
+        logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0),
+    )
+
+
+@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd_inplace", mutates_args=("logits",))
+def _fwd_bwd_inplace_op(
+    logits: Tensor,
+    labels: Tensor,
+    grad_scale: Tensor,
+    row_weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """As cross_entropy_fwd_bwd, but the gradient overwrites ``logits`` (each row is read before it is written).
+    The dispatcher bumps the logits' version counter, so autograd refuses a backward through anything else that
+    saved them."""
+    return _run(logits, labels, logits, grad_scale, row_weight, None, ignore_index, label_smoothing, z_loss,
+                softcap, backend)
+
+
+@_fwd_bwd_inplace_op.register_fake
+def _(logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = labels.numel()
+    return (
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.int32),
+    )
+
+
+@torch.library.custom_op("pyseqpack::cross_entropy_scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: Tensor, grad_output: Tensor, backend: str) -> None:
+    """grad [..., V] *= grad_output ([...] or 1 element, any float dtype), in place; rows whose factor is
+    exactly 1.0 are skipped on the device."""
+    f = grad_output.reshape(-1)
+    if f.numel() > 1 and f.stride(0) == 0:
+        f = f[:1]  # the expanded ones of sum()'s backward: one scalar, not N copies
+    f = f.to(torch.float32).contiguous()
+
+    def run(mod):
+        for r0, g2 in _row_views(grad):
+            mod.scale_grad_(g2, f if f.numel() == 1 else f[r0:r0 + g2.shape[0]])
+
+    _dispatch(backend, grad.device, run)
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output, backend):
+    return None
+
+
+def _apply_grad_output(grad, row_weight, g_loss, backend):
+    """The gradient w.r.t. the logits from the saved one: times grad_output (and the per-row weights)."""
+    if g_loss is None:
+        return None
+    factor = g_loss if row_weight is None else g_loss * row_weight.reshape(g_loss.shape)
+    torch.ops.pyseqpack.cross_entropy_scale_grad_(grad, factor, backend)
+    return grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.backend = inputs[10]
+    ctx.save_for_backward(output[3], inputs[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+
+def _backward(ctx, g_loss, g_lse, g_correct, g_grad):
+    # The gradient was computed in the forward; scaling it in place bumps its version, so a second backward
+    # through the same graph (retain_graph=True) raises instead of scaling it twice.
+    grad, row_weight = ctx.saved_tensors
+    return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 10
+
+
+_fwd_bwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    """Autograd for the in-place op (torch.library cannot register a formula on a mutating op)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+        loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
+            logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend
+        )
+        ctx.backend = backend
+        ctx.save_for_backward(logits, row_weight)  # logits now hold the gradient
+        ctx.mark_non_differentiable(lse, correct)
+        return loss, lse, correct
+
+    @staticmethod
+    def backward(ctx, g_loss, g_lse, g_correct):
+        grad, row_weight = ctx.saved_tensors
+        return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation (eager mode only: under torch.compile / CUDA-graph capture the checks are skipped)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _eager() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _check_label_range(labels: Tensor, v: int, ignore_index: int, name: str, exc=ValueError) -> None:
+    """Labels outside [0, V) that are not ignore_index. One host sync (eager mode only)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        pos = tuple(int(i) for i in torch.nonzero(bad)[0])
+        where = f"{name}[{', '.join(map(str, pos))}]" if pos else name
+        raise exc(
+            f"{where} = {int(labels[pos])} is out of range: labels must be in [0, {v}) (V = logits.shape[-1]) "
+            f"or equal ignore_index={ignore_index}. Pass check_labels=False (or set PYSEQPACK_CHECK_LABELS=0) to "
+            "skip this check, which syncs with the host; out-of-range labels are then ignored."
+        )
+
+
+def validate_options(ignore_index, reduction, label_smoothing, z_loss, softcap, backend) -> None:
+    """The non-tensor options of ``fused_cross_entropy`` (also checked once by ``nn.FusedCrossEntropyLoss``)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+
+
+def _validate(logits, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, shift,
+              num_items_in_batch, inplace_backward, backend):
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if labels.dtype not in _LABEL_DTYPES:
+        raise TypeError(f"labels must be int64 or int32 class indices, got {labels.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without the last (class) dim: logits {tuple(logits.shape)} "
+            f"-> labels {tuple(logits.shape[:-1])}, got labels {tuple(labels.shape)}"
+        )
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(
+            f"logits must have stride(-1) == 1 (classes contiguous in memory), got strides {tuple(logits.stride())};"
+            " pass logits.contiguous() (a copy) or produce them class-contiguous"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}: put them on the same device")
+    validate_options(ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
+    if shift and labels.dim() < 1:
+        raise ValueError("shift=True needs labels with a sequence dim ([..., T]) and logits [..., T, V]")
+    if num_items_in_batch is not None:
+        if reduction == "none":
+            raise ValueError('num_items_in_batch divides the summed loss: use reduction "sum" or "mean", not "none"')
+        if isinstance(num_items_in_batch, Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    f"num_items_in_batch must be a number or a 1-element tensor, got shape "
+                    f"{tuple(num_items_in_batch.shape)}"
+                )
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+            raise TypeError(f"num_items_in_batch must be an int, a 1-element tensor or None, "
+                            f"got {type(num_items_in_batch).__name__}")
+        elif not num_items_in_batch > 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
+    if backend != "auto":
+        _backend_module(backend, logits.device)  # raises BackendUnavailable with the reason
+    if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
+        if logits.is_leaf:
+            raise ValueError(
+                "inplace_backward=True: logits is a leaf tensor that requires grad; its gradient would overwrite "
+                "its own values (and alias its .grad). Use it on logits computed by the model (e.g. lm_head output)"
+            )
+        if logits._is_view() and logits._base.is_leaf and logits._base.requires_grad:
+            raise ValueError(
+                "inplace_backward=True: logits is a view of a leaf tensor that requires grad; writing the gradient "
+                "into it would overwrite that leaf. Use inplace_backward=False"
+            )
+        if any(st == 0 and sz > 1 for st, sz in zip(logits.stride(), logits.shape)):
+            raise ValueError(
+                f"inplace_backward=True: logits overlap in memory (an expanded tensor, strides "
+                f"{tuple(logits.stride())}), so they cannot hold a gradient per element"
+            )
+
+
+def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:
+    """labels[..., t + 1] at position t, ignore_index at the last position. A new (small) tensor: the
+    caller's labels are not modified, and the logits are not touched."""
+    return F.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def _num_items_scale(num_items_in_batch, device) -> Tensor:
+    if isinstance(num_items_in_batch, Tensor):
+        return (1.0 / num_items_in_batch.to(device=device, dtype=torch.float32)).reshape(1)
+    return torch.full((1,), 1.0 / num_items_in_batch, dtype=torch.float32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def fused_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    shift: bool = False,
+    num_items_in_batch=None,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+    check_labels: Optional[bool] = None,
+) -> CrossEntropyOutput:
+    """Cross-entropy loss, its gradient and token-accuracy counts from one fused pass over the logits.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16, stride(-1) == 1, any other strides. Never copied (not with
+            ``shift=True`` either: the labels are shifted instead).
+        labels: [...] (logits' shape without V) int64 or int32 class indices; ``ignore_index`` marks tokens that
+            count for nothing.
+        ignore_index: label value to ignore (-100, as transformers / torch).
+        reduction: "mean" (over valid tokens; 0 with a zero gradient when there are none), "sum", or "none"
+            (float32, shaped like labels).
+        label_smoothing: eps in [0, 1], torch's definition: (1 - eps) * nll + eps * (lse - mean(x)).
+        z_loss: coefficient z >= 0 of z * lse^2 per valid token (PaLM's auxiliary loss).
+        softcap: c > 0 applies x <- c * tanh(x / c) first (Gemma 2 final-logit softcapping), or None.
+        shift: score position t against label t + 1 (causal LM with unshifted labels); the last position of
+            each sequence counts for nothing.
+        num_items_in_batch: divide the summed loss by this (Python number or 1-element tensor, read on the device)
+            instead of by the local count: transformers' gradient-accumulation rule.
+        inplace_backward: write the gradient into the logits' memory instead of a new buffer: saves N x V
+            elements. *** DANGER ***: after this call ``logits`` hold the gradient, not the logits. Anything else
+            that reads them later gets gradients. The kernel's store is invisible to autograd, so pyseqpack bumps
+            the logits' version counter through the op: an autograd node that saved the logits (or a view of
+            them) then fails at backward with "modified by an inplace operation" instead of silently using
+            gradients; code that keeps its own reference outside autograd (a logging hook, a cache) is NOT
+            protected. Refused for leaf tensors, views of leaves, and overlapping (expanded) logits. Only has an
+            effect when a gradient is computed (grad enabled and logits.requires_grad).
+        backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
+        check_labels: validate in eager mode that every label is in [0, V) or ignore_index (one host sync).
+            None: on unless the environment sets PYSEQPACK_CHECK_LABELS=0. Skipped under torch.compile and CUDA
+            graph capture; unchecked out-of-range labels are treated as ignored.
+
+    Returns:
+        CrossEntropyOutput(loss, num_correct, num_tokens, accuracy): device tensors, no host sync. ``loss`` is
+        float32 and differentiable w.r.t. ``logits`` (the gradient has the logits' dtype). backward() can run
+        once per forward (the saved gradient is scaled in place).
+    """
+    eager = _eager()
+    if eager:
+        _validate(logits, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, shift,
+                  num_items_in_batch, inplace_backward, backend)
+    v = logits.shape[-1]
+    if shift:
+        labels = _shift_labels(labels, ignore_index)
+    if eager and (_label_checks_default() if check_labels is None else check_labels):
+        _check_label_range(labels, v, ignore_index, "labels (after shift)" if shift else "labels")
+    dev = logits.device
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < v)
+    num_tokens = valid.sum()
+    if num_items_in_batch is not None:
+        grad_scale = _num_items_scale(num_items_in_batch, dev)
+    elif reduction == "mean":
+        grad_scale = (1.0 / num_tokens.clamp(min=1).to(torch.float32)).reshape(1)
+    else:
+        grad_scale = torch.ones(1, dtype=torch.float32, device=dev)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    cap = float(softcap) if softcap is not None else 0.0
+    args = (int(ignore_index), float(label_smoothing), float(z_loss), cap)
+    if inplace_backward and compute_grad:
+        rows, _, correct = _InplaceCrossEntropy.apply(logits, labels, grad_scale, None, *args, backend)
+    else:
+        rows, _, correct, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+            logits, labels, grad_scale, None, None, *args, compute_grad, backend
+        )
+    loss = rows.reshape(labels.shape) if reduction == "none" else rows.sum()
+    num_correct = correct.sum(dtype=torch.int64)
+    accuracy = num_correct.to(torch.float32) / num_tokens.clamp(min=1).to(torch.float32)
+    return CrossEntropyOutput(loss, num_correct, num_tokens, accuracy)
+
+
+def _dropin_supported(input, target, weight, reduction, label_smoothing) -> bool:
+    """The [N, C] (or [C]) class-index case that the fused op covers; everything else goes to torch."""
+    if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
+        return False
+    if input.dtype not in _LOGIT_DTYPES or target.dtype != torch.int64 or input.device != target.device:
+        return False
+    if input.dim() not in (1, 2) or target.dim() != input.dim() - 1 or input.shape[-1] < 1:
+        return False
+    if input.dim() == 2 and (target.shape[0] != input.shape[0] or input.shape[0] == 0):
+        return False
+    if input.stride(-1) != 1 and input.shape[-1] > 1:
+        return False
+    if reduction not in _REDUCTIONS or not (isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing <= 1):
+        return False
+    if weight is not None and not (
+        isinstance(weight, Tensor) and weight.dim() == 1 and weight.shape[0] == input.shape[-1]
+        and weight.dtype == input.dtype and weight.device == input.device
+    ):
+        return False
+    return True
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average=None,
+    ignore_index: int = -100,
+    reduce=None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.cross_entropy`` (same signature and results), fused.
+
+    [N, C] (or [C]) logits with int64 class-index targets run through the fused op: same values (in the
+    input's dtype, computed in fp32) and gradients as torch, including class ``weight`` (the mean divides by the
+    summed weights of the valid targets), label smoothing (torch's weighted formula when both are given), and NaN
+    for a mean over zero valid targets. Out-of-range targets raise IndexError in eager mode, as torch does
+    (PYSEQPACK_CHECK_LABELS=0 skips that host sync). Every other form (probability targets, [N, C, d1, ...]
+    inputs, other dtypes, invalid arguments) is handed to torch itself, which computes it or raises its own
+    error.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if not _dropin_supported(input, target, weight, reduction, label_smoothing):
+        return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction, label_smoothing)
+    squeeze = input.dim() == 1
+    x = input.unsqueeze(0) if squeeze else input
+    t = target.reshape(1) if squeeze else target
+    c = x.shape[-1]
+    if _eager() and _label_checks_default():
+        _check_label_range(t, c, ignore_index, "target", IndexError)
+    valid = (t != ignore_index) & (t >= 0) & (t < c)
+    row_weight = class_weight = None
+    if weight is None:
+        denom = valid.sum().to(torch.float32)
+    else:
+        w_rows = torch.where(valid, weight.gather(0, t.clamp(0, c - 1)).to(torch.float32), 0.0)
+        denom = w_rows.sum()
+        if label_smoothing > 0:
+            class_weight = weight  # torch's weighted smoothing term: torch backend
+        else:
+            row_weight = w_rows  # a per-row factor on the fused kernel's loss and gradient
+    if reduction == "mean":
+        grad_scale = (1.0 / denom).reshape(1)  # inf for zero valid targets: NaN loss, as torch
+    else:
+        grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
+    compute_grad = torch.is_grad_enabled() and x.requires_grad
+    rows, _, _, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+        x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0, 0.0,
+        compute_grad, "auto",
+    )
+    if reduction == "none":
+        out = rows.reshape(()) if squeeze else rows
+    else:
+        out = rows.sum()
+    return out.to(input.dtype)

@@ -1,0 +1,994 @@
+"""pyseqpack.pad_shift_mask: one op from ragged token sequences to every tensor a training step needs.
+
+CONTRACT (public signature):
+
+    pad_shift_mask(
+        input_ids,                   # list of B sequences (Python lists / 1-D numpy arrays / 1-D tensors of ints),
+                                     # a 2-D [B, n] array or tensor,
+                                     # or a flat 1-D int tensor/array of all tokens together with `offsets`
+        *,
+        offsets=None,                # [B+1] int64 (list / numpy / tensor, CPU or same device) when input_ids is flat
+        labels=None,                 # None               -> no "labels" output
+                                     # "input_ids"        -> causal labels derived from input_ids (same length L),
+                                     #                       masked by prompt_lengths / loss_masks, pads -> label_pad
+                                     # list of sequences  -> given separately (seq2seq targets), padded to their own
+                                     #                       length Ll (longest label, or max_length), values kept
+                                     # flat + label_offsets
+        label_offsets=None,
+        prompt_lengths=None,         # [B] ints: with derived labels, tokens at original index < prompt_lengths[b]
+                                     # become label_pad_token_id (completion-only loss)
+        loss_masks=None,             # list of per-token 0/1 sequences aligned with input_ids (or flat, same offsets):
+                                     # 0 -> label_pad_token_id in derived labels (multi-turn assistant masks)
+        pad_token_id=None,           # required whenever a row needs padding (ValueError otherwise)
+        label_pad_token_id=-100,
+        padding="longest",           # "longest" | "max_length"
+        max_length=None,
+        truncation=False,            # False: a row longer than the padded length raises ValueError naming it;
+                                     # True: rows are cut to max_length on `truncation_side`
+        truncation_side="right",     # "right" | "left"
+        padding_side="right",        # "right" | "left"
+        pad_to_multiple_of=None,     # the padded length (L, and Ll for separate labels) is rounded up to this
+        decoder_start_token_id=None, # not None -> "decoder_input_ids" [B, Ll]: labels shifted right by one,
+                                     # position 0 = decoder_start_token_id, -100 -> pad_token_id (T5/BART rule)
+        return_attention_mask=True,  # "attention_mask": 1 on tokens, 0 on pads
+        return_position_ids=False,   # "position_ids" = clip(cumsum(attention_mask, -1) - 1, min=0)
+        return_shift_labels=False,   # "shift_labels"[b, t] = labels[b, t + 1], label_pad_token_id in the last column
+        return_loss_mask=False,      # verl's "loss_mask" (needs prompt_lengths): attention_mask with the first
+                                     # prompt_len - 1 tokens (when prompt_len > 1) and the last token zeroed
+        extras=None,                 # {name: (sequences, pad_value)} padded exactly like input_ids
+                                     # (token_type_ids, special_tokens_mask, a user attention_mask, ...)
+        dtype=torch.int64,           # torch.int64 or torch.int32, for every output
+        device=None,                 # output device; default: the device of input_ids when it is a tensor (flat,
+                                     # 2-D, or a list of tensors on one device), else CPU
+        backend="auto",              # "auto" | "cpu" (C++) | "cuda" | "triton" | "torch" (the reference)
+        num_threads=None,            # backend "cpu" with array input: threads to split rows across (None: by size)
+    ) -> dict[str, torch.Tensor]     # keys: input_ids, attention_mask, labels, decoder_input_ids,
+                                     #       shift_labels, position_ids, loss_mask, *extras (only those asked for)
+
+Semantics, precisely
+--------------------
+Lengths. Example b has n_b tokens. With ``truncation=True`` (needs ``max_length``) it keeps
+kept_b = min(n_b, max_length) of them: the first ones (``truncation_side="right"``) or the last ones ("left").
+The padded length is L = max_b kept_b (``padding="longest"``; ``max_length`` then only drives truncation) or
+``max_length`` (``padding="max_length"``), rounded up to ``pad_to_multiple_of``. Without truncation a row longer
+than L raises. Separate labels are truncated and padded the same way on their own, to Ll.
+
+Placement. Kept token k of example b goes to column k (right padding) or L - kept_b + k (left padding); other
+columns are padding: ``pad_token_id`` in input_ids, 0 in attention_mask, each extra's own pad value.
+
+Derived labels (``labels="input_ids"``): the token, except label_pad_token_id for pads, for tokens whose
+ORIGINAL index (before truncation) is < prompt_lengths[b], and for tokens whose loss mask is 0.
+
+position_ids: clip(cumsum(attention_mask) - 1, 0): k on kept token k, 0 on left pads, kept_b - 1 on right pads.
+
+loss_mask (verl, right padding): 1 on tokens, 0 on tokens of original index < prompt_len - 1 and on the last
+kept token. Under left truncation the prompt boundary follows the tokens (verl applies it by column).
+
+shift_labels[b, j] = labels[b, j + 1], label_pad_token_id in the last column. decoder_input_ids[b, 0] =
+decoder_start_token_id, [b, j] = labels[b, j - 1], then every -100 becomes pad_token_id (T5/BART's
+``shift_tokens_right``; with left padding that is the same formula on the left-padded labels).
+
+Values. Tokens are anything with ``__index__``: Python ints (``bool`` counts as 0/1, as in Python), numpy integer
+scalars, integer or bool arrays/tensors. Floats, strings and None raise TypeError naming the field, example and
+index ("input_ids[3][17]: expected an int, got float"); values outside int64 (or int32 when ``dtype=torch.int32``)
+raise ValueError; loss masks must be 0 or 1. Only the tokens that truncation keeps are read and checked. Data that
+already lives on a CUDA device is not value-checked (that would need a host sync): it is cast, and kernel loads
+stay in bounds whatever the offsets hold. The caller's data is never modified.
+
+Devices and syncs. Host data (lists, numpy, CPU tensors) can be collated onto any device: its kept tokens are
+packed into one pinned buffer and copied asynchronously. Data on a CUDA device only to that device. The device
+kernels need L on the host: with host offsets (or equal-length rows) nothing syncs; with offsets on the device,
+``padding="longest"`` copies them to the host (one sync) while ``padding="max_length"`` plans on the device
+without a sync (it then needs ``truncation=True``, since too-long rows cannot be detected, and ``pad_token_id``).
+
+Backends. "torch" is the plain reference (and the fallback). "cpu" reads Python lists / buffers in C++ in one pass,
+writing each output once (O(B) Python work). "triton" and "cuda" launch one kernel for all outputs, from a flat
+token buffer and the row plan (csrc/pad_shift_mask.h). "auto": "cpu" for CPU outputs when pyseqpack._C is built,
+else "torch"; on CUDA "cuda" when pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch".
+A backend asked for by name that cannot run raises pyseqpack.BackendUnavailable saying why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import operator
+import warnings
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import _native
+from ._native import BackendUnavailable
+
+__all__ = ["pad_shift_mask", "DeviceLaunch", "PLAN_FIELDS", "OUTPUT_KEYS"]
+
+# The row plan, one int64 row per example; csrc/pad_shift_mask.h documents each field (the CUDA contract).
+PLAN_FIELDS = ("tok_src", "tok_kept", "tok_col", "label_from", "loss_from", "lab_src", "lab_kept", "lab_col")
+TOK_SRC, TOK_KEPT, TOK_COL, LABEL_FROM, LOSS_FROM, LAB_SRC, LAB_KEPT, LAB_COL = range(len(PLAN_FIELDS))
+LABELS_NONE, LABELS_DERIVED, LABELS_GIVEN = 0, 1, 2
+MODE_PADDED = 0  # psm::kPadded; 1 (kPacked, padding-free packing) is reserved
+
+OUTPUT_KEYS = (
+    "input_ids", "attention_mask", "labels", "decoder_input_ids", "shift_labels", "position_ids", "loss_mask",
+)
+_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+_CPU = torch.device("cpu")
+_INT64 = (-(2**63), 2**63 - 1)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs, normalized
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Seqs:
+    """One ragged field, in one of two forms: `rows` (one host object per example) or `flat` + `offsets`."""
+
+    name: str
+    rows: Optional[list] = None  # lists / tuples / 1-D arrays, one per example (host)
+    flat: Any = None  # 1-D numpy array or tensor, every example back to back
+    offsets: Any = None  # flat: int64 [B+1], a numpy array (host) or a tensor on the device of `flat`
+    lengths: Any = None  # int64 [B]: numpy (host), or a device tensor when the offsets live on the device
+
+    @property
+    def B(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.offsets) - 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.flat.device if isinstance(self.flat, torch.Tensor) else _CPU
+
+    @property
+    def on_host(self) -> bool:
+        return self.device.type == "cpu"
+
+    def host_offsets(self) -> bool:
+        return self.rows is not None or isinstance(self.offsets, np.ndarray)
+
+    def row(self, b: int):
+        """Example b as a host object (for the reference and the host gather; call to_host() first)."""
+        if self.rows is not None:
+            return self.rows[b]
+        return self.flat[int(self.offsets[b]):int(self.offsets[b + 1])]
+
+    def to_host(self) -> "_Seqs":
+        """This field with its data and offsets on the host (one copy each)."""
+        if self.rows is not None or (self.on_host and self.host_offsets()):
+            return self
+        off = self.offsets.cpu().numpy() if isinstance(self.offsets, torch.Tensor) else self.offsets
+        return dataclasses.replace(self, flat=self.flat.cpu(), offsets=off, lengths=np.diff(off))
+
+
+def _is_int_dtype(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not (x.is_floating_point() or x.is_complex())
+    return x.dtype.kind in "iub"
+
+
+def _check_int_array(x, name: str):
+    if not _is_int_dtype(x):
+        raise TypeError(f"{name}: expected integer values, got a {x.dtype} {'tensor' if isinstance(x, torch.Tensor) else 'array'}")
+
+
+def _host_offsets(offsets, name: str, total: int, value_name: str) -> np.ndarray:
+    arr = np.asarray(offsets.cpu() if isinstance(offsets, torch.Tensor) else offsets)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected a 1-D sequence of ints, got {arr.ndim}-D {arr.dtype}")
+    if len(arr) < 2:
+        raise ValueError(f"{name}: expected B + 1 >= 2 entries (B >= 1 examples), got {len(arr)}")
+    arr = arr.astype(np.int64)
+    if arr[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {arr[0]}")
+    drops = np.flatnonzero(arr[1:] < arr[:-1])
+    if len(drops):
+        i = int(drops[0]) + 1
+        raise ValueError(f"{name} must be non-decreasing: {name}[{i}] = {arr[i]} < {name}[{i - 1}] = {arr[i - 1]}")
+    if arr[-1] != total:
+        raise ValueError(f"{name}[-1] = {arr[-1]} but {value_name} holds {total} values")
+    return arr
+
+
+def _host_copy_offsets(seqs: Optional[_Seqs], like: Optional[_Seqs] = None) -> Optional[_Seqs]:
+    """`seqs` with its device offsets copied to the host and checked (a sync); `like`: share those of input_ids."""
+    if seqs is None or seqs.host_offsets():
+        return seqs
+    if like is not None:
+        return dataclasses.replace(seqs, offsets=like.offsets, lengths=like.lengths)
+    off = _host_offsets(seqs.offsets, "offsets" if seqs.name == "input_ids" else "label_offsets",
+                        int(seqs.flat.shape[0]), seqs.name)
+    return dataclasses.replace(seqs, offsets=off, lengths=np.diff(off))
+
+
+def _row_lengths(rows, name: str):
+    """(len() of each example, whether some example is neither a list/tuple nor a buffer, e.g. a tensor), checking
+    that each is a sequence; C++ when built, so list and numpy batches cost no per-row Python."""
+    if _native.cpu_available():
+        lengths, other = _native.cpu_module().psm_row_lengths(rows, name)
+        return np.frombuffer(lengths, dtype=np.int64), other
+    out = np.empty(len(rows), dtype=np.int64)
+    for b, r in enumerate(rows):
+        if isinstance(r, np.ndarray) and r.ndim != 1:
+            raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {r.ndim}-D array")
+        if isinstance(r, (str, dict)) or not hasattr(r, "__len__"):
+            raise TypeError(f"{name}[{b}]: expected a sequence of ints (list, tuple, 1-D integer array), got {type(r).__name__}")
+        out[b] = len(r)
+    return out, True
+
+
+def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
+    """Normalizes one ragged field (input_ids, labels, loss_masks, an extra), validating its form."""
+    if offsets is not None:
+        if not isinstance(value, (np.ndarray, torch.Tensor)) or value.ndim != 1:
+            raise TypeError(f"{name}: with {offsets_name}, expected a flat 1-D tensor or numpy array, got "
+                            f"{type(value).__name__}{'' if not hasattr(value, 'ndim') else f' of {value.ndim} dims'}")
+        _check_int_array(value, name)
+        dev = value.device if isinstance(value, torch.Tensor) else _CPU
+        if isinstance(offsets, torch.Tensor) and offsets.device.type != "cpu":
+            if offsets.device != dev:
+                raise ValueError(f"{offsets_name} is on {offsets.device} but {name} is on {dev}")
+            if offsets.ndim != 1 or offsets.numel() < 2 or offsets.is_floating_point():
+                raise TypeError(f"{offsets_name}: expected a 1-D integer tensor of B + 1 >= 2 entries")
+            off = offsets.to(torch.int64)
+            return _Seqs(name, flat=value, offsets=off, lengths=off[1:] - off[:-1])
+        off = _host_offsets(offsets, offsets_name, int(value.shape[0]), name)
+        return _Seqs(name, flat=value, offsets=off, lengths=np.diff(off))
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        if value.ndim != 2:
+            raise TypeError(f"{name}: a {value.ndim}-D {type(value).__name__} must be 2-D [B, n], or flat 1-D with "
+                            f"{offsets_name}=[0, n_0, n_0 + n_1, ...]")
+        _check_int_array(value, name)
+        B, n = value.shape
+        if B == 0:
+            raise ValueError(f"{name}: the batch is empty (B = 0)")
+        off = np.arange(B + 1, dtype=np.int64) * n
+        return _Seqs(name, flat=value.reshape(-1), offsets=off, lengths=np.full(B, n, dtype=np.int64))
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of sequences, a 2-D array or tensor, or a flat 1-D one with "
+                        f"{offsets_name}; got {type(value).__name__}")
+    if len(value) == 0:
+        raise ValueError(f"{name}: the batch is empty (B = 0)")
+    lengths, other = _row_lengths(value, name)
+    if not other:
+        return _Seqs(name, rows=value, lengths=lengths)
+    rows = list(value)
+    tensor_rows = [b for b, r in enumerate(rows) if isinstance(r, torch.Tensor)]
+    devices = {rows[b].device for b in tensor_rows}
+    if any(d.type != "cpu" for d in devices):
+        # Rows already on a device: one flat device buffer (torch.cat, no sync); lengths are host metadata.
+        if len(tensor_rows) != len(rows) or len(devices) != 1:
+            raise ValueError(f"{name}: rows on a CUDA device must all be tensors on that one device, got "
+                             f"{sorted({str(d) for d in devices} | ({'host'} if len(tensor_rows) != len(rows) else set()))}")
+        for b, r in enumerate(rows):
+            if r.ndim != 1:
+                raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {r.ndim}-D tensor")
+            _check_int_array(r, f"{name}[{b}]")
+        off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return _Seqs(name, flat=torch.cat(rows), offsets=off, lengths=lengths)
+    for b in tensor_rows:  # CPU tensors are read through their numpy view: O(1) each
+        if rows[b].ndim != 1:
+            raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {rows[b].ndim}-D tensor")
+        rows[b] = rows[b].detach().numpy()
+    return _Seqs(name, rows=rows, lengths=lengths)
+
+
+def _check_aligned(seqs: _Seqs, src: _Seqs, what: str):
+    """loss_masks and extras must be shaped exactly like input_ids: same form, examples and lengths."""
+    if (seqs.rows is None) != (src.rows is None):
+        form = "a list of rows" if src.rows is not None else "flat (1-D with offsets, or 2-D)"
+        raise TypeError(f"{seqs.name}: must have the same form as input_ids ({form})")
+    if seqs.B != src.B:
+        raise ValueError(f"{seqs.name} has {seqs.B} examples but input_ids has {src.B}")
+    if seqs.device != src.device:
+        raise ValueError(f"{seqs.name} is on {seqs.device} but input_ids is on {src.device}")
+    if isinstance(src.lengths, np.ndarray):
+        diff = np.flatnonzero(seqs.lengths != src.lengths)
+        if len(diff):
+            b = int(diff[0])
+            raise ValueError(f"{seqs.name}[{b}] has {seqs.lengths[b]} {what} but input_ids[{b}] has {src.lengths[b]} tokens")
+    elif seqs.flat.shape[0] != src.flat.shape[0]:
+        raise ValueError(f"{seqs.name} holds {seqs.flat.shape[0]} values but input_ids holds {src.flat.shape[0]}")
+
+
+def _as_int(value, name: str, *, optional: bool = False):
+    if value is None and optional:
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int{' or None' if optional else ''}, got {type(value).__name__}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    pad_token_id: Optional[int]
+    label_pad_token_id: Optional[int]
+    padding: str
+    max_length: Optional[int]
+    truncation: bool
+    truncation_side: str
+    padding_side: str
+    pad_to_multiple_of: Optional[int]
+    decoder_start_token_id: Optional[int]
+    dtype: torch.dtype
+
+    def padded_length(self, longest: int) -> int:
+        length = self.max_length if self.padding == "max_length" else longest
+        m = self.pad_to_multiple_of
+        return -(-length // m) * m if m else length
+
+    @property
+    def value_range(self):
+        return _INT32 if self.dtype == torch.int32 else _INT64
+
+
+def _options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side, padding_side,
+             pad_to_multiple_of, decoder_start_token_id, dtype) -> _Options:
+    for name, value, allowed in (("padding", padding, ("longest", "max_length")),
+                                 ("truncation_side", truncation_side, ("right", "left")),
+                                 ("padding_side", padding_side, ("right", "left"))):
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    if dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"dtype must be torch.int64 or torch.int32, got {dtype}")
+    max_length = _as_int(max_length, "max_length", optional=True)
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be a positive int, got {max_length}")
+    pad_to_multiple_of = _as_int(pad_to_multiple_of, "pad_to_multiple_of", optional=True)
+    if pad_to_multiple_of is not None and pad_to_multiple_of <= 0:
+        raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of}")
+    if not isinstance(truncation, bool):
+        raise TypeError(f"truncation must be True or False, got {truncation!r}")
+    if truncation and max_length is None:
+        raise ValueError("truncation=True needs max_length")
+    if padding == "max_length" and max_length is None:
+        raise ValueError("padding='max_length' needs max_length")
+    opts = _Options(
+        pad_token_id=_as_int(pad_token_id, "pad_token_id", optional=True),
+        label_pad_token_id=_as_int(label_pad_token_id, "label_pad_token_id", optional=True),
+        padding=padding, max_length=max_length, truncation=truncation, truncation_side=truncation_side,
+        padding_side=padding_side, pad_to_multiple_of=pad_to_multiple_of,
+        decoder_start_token_id=_as_int(decoder_start_token_id, "decoder_start_token_id", optional=True), dtype=dtype,
+    )
+    lo, hi = opts.value_range
+    for name in ("pad_token_id", "label_pad_token_id", "decoder_start_token_id"):
+        v = getattr(opts, name)
+        if v is not None and not lo <= v <= hi:
+            raise ValueError(f"{name}={v} does not fit in the output dtype {dtype}")
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The row plan (csrc/pad_shift_mask.h), computed with numpy on the host or torch on the device
+# ---------------------------------------------------------------------------------------------------------------
+
+class _NumpyOps:
+    @staticmethod
+    def zeros(rows, like):
+        return np.zeros((rows, len(PLAN_FIELDS)), dtype=np.int64)
+
+    @staticmethod
+    def clamp(x, lo, hi):
+        return np.minimum(np.maximum(x, lo), hi)
+
+    @staticmethod
+    def min_scalar(x, s):
+        return np.minimum(x, s)
+
+    @staticmethod
+    def max_value(x):
+        return int(x.max())
+
+
+class _TorchOps:
+    @staticmethod
+    def zeros(rows, like):
+        return torch.zeros((rows, len(PLAN_FIELDS)), dtype=torch.int64, device=like.device)
+
+    @staticmethod
+    def clamp(x, lo, hi):
+        return torch.minimum(torch.clamp(x, min=lo), hi)
+
+    @staticmethod
+    def min_scalar(x, s):
+        return torch.clamp(x, max=s)
+
+
+def _kept(ops, n, opts: _Options):
+    """Values each example keeps: min(n, max_length) under truncation."""
+    return ops.min_scalar(n, opts.max_length) if opts.truncation else n
+
+
+def _place(plan, n, kept, base, length: int, opts: _Options, src_col: int):
+    """Fills one group of plan columns (src, kept, col); returns cut, the values truncation removed on the left
+    (None when that is 0). Columns that stay 0 are not written: the plan starts zeroed."""
+    cut = n - kept if opts.truncation and opts.truncation_side == "left" else None
+    plan[:, src_col + 1] = kept
+    src = base if cut is None else (cut if base is None else base + cut)
+    if src is not None:
+        plan[:, src_col] = src
+    if opts.padding_side == "left":
+        plan[:, src_col + 2] = length - kept
+    return cut
+
+
+@dataclasses.dataclass
+class _Layout:
+    plan: Any  # int64 [B, 8]: numpy on the host, or a device tensor
+    L: int
+    Ll: int
+
+
+def _plan(ops, src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kept, L: int, lab_kept, Ll: int) -> _Layout:
+    """The row plan of csrc/pad_shift_mask.h. Rows-form fields index each example from 0 (base None), flat ones
+    through their offsets."""
+    n = src.lengths
+    plan = ops.zeros(len(n), n)
+    base = None if src.rows is not None else src.offsets[:-1]
+    cut = _place(plan, n, kept, base, L, opts, TOK_SRC)
+    if prompt is not None:
+        start = prompt if cut is None else prompt - cut  # the prompt boundary in kept coordinates
+        plan[:, LABEL_FROM] = ops.clamp(start, 0, kept)
+        plan[:, LOSS_FROM] = ops.clamp(start - 1, 0, kept)
+    if lab is not None:
+        _place(plan, lab.lengths, lab_kept, None if lab.rows is not None else lab.offsets[:-1], Ll, opts, LAB_SRC)
+    else:
+        plan[:, LAB_SRC:LAB_COL + 1] = plan[:, TOK_SRC:TOK_COL + 1]
+    return _Layout(plan, L, Ll)
+
+
+def _host_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind: int) -> _Layout:
+    """Plans on the host, checking every length rule (rows too long, a pad token needed but missing)."""
+    kept = _kept(_NumpyOps, src.lengths, opts)
+    longest = _NumpyOps.max_value(kept)
+    L = opts.padded_length(longest)
+    if longest > L:
+        _check_fits(src, kept, L, opts, "tokens")
+    if opts.pad_token_id is None and int(kept.min()) < L:
+        b = int(np.flatnonzero(kept < L)[0])
+        raise ValueError(f"pad_token_id is None but input_ids[{b}] needs padding ({kept[b]} tokens, padded "
+                         f"length {L}); pass pad_token_id")
+    lab_kept, Ll = None, L
+    if kind == LABELS_GIVEN:
+        lab_kept = _kept(_NumpyOps, lab.lengths, opts)
+        longest = _NumpyOps.max_value(lab_kept)
+        Ll = opts.padded_length(longest)
+        if longest > Ll:
+            _check_fits(lab, lab_kept, Ll, opts, "labels")
+    return _plan(_NumpyOps, src, lab, prompt, opts, kept, L, lab_kept, Ll)
+
+
+def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
+    over = np.flatnonzero(kept > length)
+    if len(over):
+        b = int(over[0])
+        how = (f"padding='max_length' pads to {length} (max_length={opts.max_length})" if opts.padding == "max_length"
+               else f"the padded length is {length}")
+        raise ValueError(f"{seqs.name}[{b}] has {kept[b]} {what}, more than the padded length: {how}; pass "
+                         "truncation=True to cut it, or a larger max_length")
+
+
+def _device_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind: int) -> _Layout:
+    """Plans on the device from device offsets, without a sync: needs padding='max_length' and truncation=True."""
+    if not opts.truncation:
+        raise ValueError("offsets on the device with padding='max_length' need truncation=True (checking that no row "
+                         "is too long would need a host sync); or pass the offsets as a host list / CPU tensor")
+    if opts.pad_token_id is None:
+        raise ValueError("offsets on the device: pass pad_token_id (whether a row needs padding is only known there)")
+    L = opts.padded_length(0)
+    kept = _kept(_TorchOps, src.lengths, opts)
+    lab_kept = _kept(_TorchOps, lab.lengths, opts) if kind == LABELS_GIVEN else None
+    if prompt is not None:
+        prompt = prompt.to(src.device, non_blocking=True) if isinstance(prompt, torch.Tensor) else \
+            torch.as_tensor(prompt, device=src.device)
+    return _plan(_TorchOps, src, lab, prompt, opts, kept, L, lab_kept, L)
+
+
+def _prompt_lengths(value, B: int):
+    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        if value.ndim != 1 or value.numel() != B or value.is_floating_point():
+            raise ValueError(f"prompt_lengths: expected a 1-D integer tensor of B = {B} entries")
+        return value.to(torch.int64)
+    arr = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        raise TypeError(f"prompt_lengths: expected a 1-D sequence of ints, got {arr.ndim}-D {arr.dtype}")
+    if len(arr) != B:
+        raise ValueError(f"prompt_lengths has {len(arr)} entries but input_ids has B = {B} examples")
+    neg = np.flatnonzero(arr < 0)
+    if len(neg):
+        raise ValueError(f"prompt_lengths[{neg[0]}] = {arr[neg[0]]} is negative")
+    return arr.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The torch reference: plain per-row code, independent of the plan
+# ---------------------------------------------------------------------------------------------------------------
+
+def _ref_values(obj, name: str, b: int, start: int, stop: int, value_range, is_mask: bool = False) -> torch.Tensor:
+    """Values start..stop of one example as an int64 tensor, checked like the native backends check them."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.detach().cpu().numpy()
+    if not isinstance(obj, (list, tuple, np.ndarray)):
+        try:
+            obj = np.asarray(memoryview(obj))
+        except TypeError:
+            obj = list(obj)
+    if isinstance(obj, np.ndarray):
+        if obj.ndim != 1:
+            raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {obj.ndim}-D array")
+        if obj.dtype.kind not in "iub":
+            raise TypeError(f"{name}[{b}]: expected integer values, got a {obj.dtype} array")
+        seg = obj[start:stop]
+        if seg.dtype == np.uint64 and (seg > _INT64[1]).any():
+            i = int(np.flatnonzero(seg > _INT64[1])[0])
+            raise ValueError(f"{name}[{b}][{start + i}]: {seg[i]} is out of the int64 range")
+        values = torch.from_numpy(seg.astype(np.int64))
+    else:
+        py = []
+        for i in range(start, stop):
+            try:
+                v = operator.index(obj[i])
+            except TypeError:
+                raise TypeError(f"{name}[{b}][{i}]: expected an int, got {type(obj[i]).__name__}") from None
+            if not _INT64[0] <= v <= _INT64[1]:
+                raise ValueError(f"{name}[{b}][{i}]: {v!r} is out of the int64 range")
+            py.append(v)
+        values = torch.tensor(py, dtype=torch.int64)
+    lo, hi = (0, 1) if is_mask else value_range
+    bad = torch.nonzero((values < lo) | (values > hi)).flatten()
+    if len(bad):
+        i, v = int(bad[0]), int(values[bad[0]])
+        what = f"expected 0 or 1, got {v}" if is_mask else f"{v} does not fit in the output dtype int32"
+        raise ValueError(f"{name}[{b}][{start + i}]: {what}")
+    return values
+
+
+def _ref_window(n: int, opts: _Options):
+    """[start, stop) of the values an example of length n keeps."""
+    if opts.truncation and n > opts.max_length:
+        return (0, opts.max_length) if opts.truncation_side == "right" else (n - opts.max_length, n)
+    return 0, n
+
+
+def _ref_pad(x: torch.Tensor, length: int, value, side: str) -> torch.Tensor:
+    if len(x) == length:
+        return x
+    fill = torch.full((length - len(x),), value, dtype=torch.int64)
+    return torch.cat([x, fill] if side == "right" else [fill, x])
+
+
+def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optional[_Seqs], extras, opts: _Options,
+               want: dict) -> dict:
+    """backend="torch": every output built row by row from the definitions, on the CPU, in int64."""
+    vr = opts.value_range
+    side = opts.padding_side
+    B = src.B
+    src, lab, masks = src.to_host(), lab and lab.to_host(), masks and masks.to_host()
+    extras = {name: (seqs.to_host(), pad) for name, (seqs, pad) in extras.items()}
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.cpu().numpy()
+    rows, windows = [], []
+    for b in range(B):
+        obj = src.row(b)
+        s, e = _ref_window(len(obj), opts)
+        windows.append((s, e))
+        rows.append(_ref_values(obj, "input_ids", b, s, e, vr))
+    L = opts.padded_length(max(len(t) for t in rows))
+
+    def stack(per_row, length, value):
+        return torch.stack([_ref_pad(x, length, value, side) for x in per_row]) if B else None
+
+    out = {"input_ids": stack(rows, L, opts.pad_token_id)}
+    attention = stack([torch.ones_like(t) for t in rows], L, 0)
+    if want["attention_mask"]:
+        out["attention_mask"] = attention
+
+    if kind == LABELS_DERIVED:
+        per_row = []
+        for b, ((s, e), t) in enumerate(zip(windows, rows)):
+            lab_b = t.clone()
+            if prompt is not None:
+                lab_b[torch.arange(s, e) < int(prompt[b])] = opts.label_pad_token_id
+            if masks is not None:
+                keep = _ref_values(masks.row(b), masks.name, b, s, e, vr, is_mask=True)
+                lab_b[keep == 0] = opts.label_pad_token_id
+            per_row.append(lab_b)
+        labels = stack(per_row, L, opts.label_pad_token_id)
+    elif kind == LABELS_GIVEN:
+        per_row = []
+        for b in range(B):
+            obj = lab.row(b)
+            s, e = _ref_window(len(obj), opts)
+            per_row.append(_ref_values(obj, "labels", b, s, e, vr))
+        labels = stack(per_row, opts.padded_length(max(len(t) for t in per_row)), opts.label_pad_token_id)
+    if kind != LABELS_NONE:
+        out["labels"] = labels
+        if want["decoder_input_ids"]:
+            # transformers' shift_tokens_right (T5, BART, ...) on the padded labels
+            dec = torch.zeros_like(labels)
+            dec[:, 1:] = labels[:, :-1]
+            dec[:, :1] = opts.decoder_start_token_id
+            out["decoder_input_ids"] = dec.masked_fill(dec == -100, opts.pad_token_id)
+        if want["shift_labels"]:
+            shifted = torch.full_like(labels, opts.label_pad_token_id)
+            shifted[:, :-1] = labels[:, 1:]
+            out["shift_labels"] = shifted
+    if want["position_ids"]:
+        out["position_ids"] = torch.clamp(torch.cumsum(attention, dim=1) - 1, min=0)
+    if want["loss_mask"]:
+        per_row = []
+        for b, ((s, e), t) in enumerate(zip(windows, rows)):
+            m = torch.ones_like(t)
+            m[: max(int(prompt[b]) - 1 - s, 0)] = 0  # original index < prompt_len - 1
+            m[-1:] = 0  # the last kept token (EOS)
+            per_row.append(m)
+        out["loss_mask"] = stack(per_row, L, 0)
+    for name, (seqs, pad) in extras.items():
+        vals = []
+        for b, (s, e) in enumerate(windows):
+            vals.append(_ref_values(seqs.row(b), name, b, s, e, vr))
+        out[name] = stack(vals, L, pad)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend "cpu": pyseqpack._C reads the caller's objects directly
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cpu_source(seqs: _Seqs):
+    """(object C++ reads, int64 offsets or None): rows as they are, or a flat buffer and its offsets."""
+    if seqs.rows is not None:
+        return seqs.rows, None
+    flat = seqs.flat.detach().numpy() if isinstance(seqs.flat, torch.Tensor) else seqs.flat
+    return flat, seqs.offsets
+
+
+def _run_cpu(layout: _Layout, src, kind, lab, masks, extras, opts: _Options, outs: dict, num_threads) -> None:
+    C = _native.cpu_module()
+    plan = layout.plan
+    tokens, tok_bases = _cpu_source(src)
+    labels, lab_bases = _cpu_source(lab) if lab is not None else (None, None)
+    mask_obj = _cpu_source(masks)[0] if masks is not None else None
+    extra_args = tuple((name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items())
+    addr = tuple(outs[k].data_ptr() if k in outs else 0 for k in OUTPUT_KEYS)
+    extra_addr = tuple(outs[name].data_ptr() for name in extras)
+    C.psm_fill(plan, src.B, layout.L, layout.Ll, tokens, tok_bases, kind, labels, lab_bases, mask_obj,
+               extra_args, addr, extra_addr, opts.pad_token_id or 0, opts.label_pad_token_id or 0,
+               opts.decoder_start_token_id or 0, opts.dtype.itemsize, num_threads or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device backends ("triton", "cuda"): one launch from a flat device buffer and the plan
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DeviceLaunch:
+    """Everything a device kernel gets for one call; both kernels/pad_shift_mask.py and the CUDA launcher take it.
+
+    Tensors are on the output device, contiguous, int64 buffers 16-byte aligned (Triton mis-loads others).
+    plan         int64 [B, 8], the row plan of csrc/pad_shift_mask.h
+    tokens       int32 / int64 [T]; example b's kept tokens at plan[b, 0] .. plan[b, 0] + plan[b, 1]
+    loss_masks   None or uint8 / int32 / int64 [T], aligned with tokens (0 drops a derived label)
+    labels       None or int32 / int64 [Tl], separate labels (labels_kind == 2), indexed by plan[b, 5..7]
+    extras       None or [E, T] (int32 / int64), aligned with tokens; extra_pads int64 [E]
+    outputs      {key: tensor} for the requested keys of OUTPUT_KEYS ([B, L] or [B, Ll], dtype int32/int64),
+                 plus "extras": [E, B, L] when E > 0
+    labels_kind  0 none, 1 derived from tokens, 2 given;  mode: 0 (padded; 1 = packed is reserved)
+    """
+
+    plan: torch.Tensor
+    tokens: torch.Tensor
+    loss_masks: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    extras: Optional[torch.Tensor]
+    extra_pads: Optional[torch.Tensor]
+    outputs: dict
+    L: int
+    Ll: int
+    labels_kind: int
+    pad_token_id: int
+    label_pad_token_id: int
+    decoder_start_token_id: int
+    mode: int = MODE_PADDED
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernel():
+    """(launcher module, None) or (None, why). HOOK for the CUDA kernel: pyseqpack/pad_shift_mask_cuda.py must
+    define `launch(args: DeviceLaunch) -> None` (enqueue on the current stream, no sync) and
+    `unavailable_reason() -> Optional[str]` (None when the library holds the kernel)."""
+    if importlib.util.find_spec("pyseqpack.pad_shift_mask_cuda") is None:
+        return None, "pyseqpack.pad_shift_mask_cuda (the CUDA launcher) is not part of this install"
+    mod = importlib.import_module("pyseqpack.pad_shift_mask_cuda")
+    why = mod.unavailable_reason()
+    return (None, why) if why else (mod, None)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a sync: through pinned memory, asynchronously (a no-op for a CPU device)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _gather_host(seqs: _Seqs, plan: np.ndarray, which: int, opts: _Options, is_mask: bool) -> torch.Tensor:
+    """Every example's kept values back to back, in the output dtype, validated; plan columns say which values."""
+    src_col, kept_col = (TOK_SRC, TOK_KEPT) if which == 0 else (LAB_SRC, LAB_KEPT)
+    total = int(plan[:, kept_col].sum())
+    if _native.cpu_available():
+        out = torch.empty(total, dtype=opts.dtype)
+        obj, bases = _cpu_source(seqs)
+        _native.cpu_module().psm_gather(obj, seqs.name, plan, seqs.B, which, bases, out.data_ptr(),
+                                        out.element_size(), int(is_mask))
+        return out
+    parts = []
+    for b in range(seqs.B):
+        start = int(plan[b, src_col]) - (0 if seqs.rows is not None else int(seqs.offsets[b]))
+        parts.append(_ref_values(seqs.row(b), seqs.name, b, start, start + int(plan[b, kept_col]), opts.value_range,
+                                 is_mask))
+    return torch.cat(parts).to(opts.dtype)
+
+
+def _packed_starts(kept: np.ndarray) -> np.ndarray:
+    return np.cumsum(kept) - kept
+
+
+def _device_inputs(layout: _Layout, src, kind, lab, masks, extras, opts: _Options, device: torch.device):
+    """(plan, tokens, loss_masks, labels, extras [E, T], extra_pads) on the device. Host fields are packed (kept
+    values only, one asynchronous copy each) and their plan columns point into the packed buffer; fields already
+    on the device are used in place (a host plan then indexes them through the offsets)."""
+    host_plan = layout.plan if isinstance(layout.plan, np.ndarray) else None
+
+    def field(seqs, which, is_mask):
+        if seqs.on_host:  # host data implies host offsets, hence a host plan
+            return _to_device(_gather_host(seqs, host_plan, which, opts, is_mask), device)
+        flat = seqs.flat.view(torch.uint8) if seqs.flat.dtype == torch.bool else seqs.flat
+        return _aligned(flat)
+
+    tokens = field(src, 0, False)
+    masks_t = field(masks, 0, True) if masks is not None else None
+    labels_t = field(lab, 1, False) if kind == LABELS_GIVEN else None
+    extras_t = pads = None
+    if extras:
+        flats = [field(seqs, 0, False) for seqs, _ in extras.values()]
+        if len({f.dtype for f in flats}) > 1:
+            flats = [f.to(torch.int64) for f in flats]
+        extras_t = _aligned(torch.stack(flats))
+        pads = np.array([pad for _, pad in extras.values()], dtype=np.int64)
+    if host_plan is None:
+        pads_t = _to_device(torch.from_numpy(pads), device) if extras else None
+        return layout.plan, tokens, masks_t, labels_t, extras_t, pads_t
+    plan = host_plan.copy()
+    if src.on_host:
+        plan[:, TOK_SRC] = _packed_starts(plan[:, TOK_KEPT])
+    if kind == LABELS_GIVEN and lab.on_host:
+        plan[:, LAB_SRC] = _packed_starts(plan[:, LAB_KEPT])
+    elif kind != LABELS_GIVEN:
+        plan[:, LAB_SRC] = plan[:, TOK_SRC]
+    # The plan and the extras' pad values travel in one copy.
+    both = _to_device(torch.from_numpy(np.concatenate([plan.reshape(-1), pads if extras else []]).astype(np.int64)),
+                      device)
+    plan_t = both[: plan.size].view(-1, len(PLAN_FIELDS))
+    return plan_t, tokens, masks_t, labels_t, extras_t, (both[plan.size:] if extras else None)
+
+
+def _run_device(backend: str, layout: _Layout, src, kind, lab, masks, extras, opts: _Options, device, outs: dict,
+                extras_out) -> None:
+    plan, tokens, masks_t, labels_t, extras_t, pads_t = _device_inputs(layout, src, kind, lab, masks, extras, opts,
+                                                                       device)
+    outputs = dict(outs)
+    if extras_out is not None:
+        outputs["extras"] = extras_out
+    args = DeviceLaunch(plan=plan, tokens=tokens, loss_masks=masks_t, labels=labels_t, extras=extras_t,
+                        extra_pads=pads_t, outputs=outputs, L=layout.L, Ll=layout.Ll, labels_kind=kind,
+                        pad_token_id=opts.pad_token_id or 0, label_pad_token_id=opts.label_pad_token_id or 0,
+                        decoder_start_token_id=opts.decoder_start_token_id or 0)
+    if backend == "cuda":
+        _cuda_kernel()[0].launch(args)
+    else:
+        from .kernels import pad_shift_mask as triton_kernel
+
+        triton_kernel.launch(args)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRITON_BROKEN: list = []  # the first Triton launch failure under backend="auto" (then "torch" is used)
+
+
+def _select_backend(backend: str, device: torch.device) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if _native.cpu_available() else "torch"
+        if device.type == "cuda":
+            if _cuda_kernel()[0] is not None:
+                return "cuda"
+            if _native.triton_available(device) and not _TRITON_BROKEN:
+                return "triton"
+        return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise BackendUnavailable(f'backend "cpu" writes CPU tensors, but the output device is {device}')
+        _native.cpu_module()
+    elif backend == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailable(f'backend "cuda" needs a CUDA output device, got {device}')
+        why = _cuda_kernel()[1]
+        if why:
+            raise BackendUnavailable(f'backend "cuda" is unavailable: {why}')
+    elif backend == "triton":
+        _native.require_triton(device)
+    return backend
+
+
+def _resolve_device(device, src: _Seqs) -> torch.device:
+    dev = src.device if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def pad_shift_mask(
+    input_ids,
+    *,
+    offsets=None,
+    labels=None,
+    label_offsets=None,
+    prompt_lengths=None,
+    loss_masks=None,
+    pad_token_id=None,
+    label_pad_token_id=-100,
+    padding="longest",
+    max_length=None,
+    truncation=False,
+    truncation_side="right",
+    padding_side="right",
+    pad_to_multiple_of=None,
+    decoder_start_token_id=None,
+    return_attention_mask=True,
+    return_position_ids=False,
+    return_shift_labels=False,
+    return_loss_mask=False,
+    extras=None,
+    dtype=torch.int64,
+    device=None,
+    backend="auto",
+    num_threads=None,
+) -> dict:
+    """Pads, truncates, masks and shifts a batch of token sequences into training tensors. See the module
+    docstring for the exact semantics of every argument and output."""
+    opts = _options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
+                    padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
+    src = _as_seqs(input_ids, offsets, "input_ids", "offsets")
+    B = src.B
+
+    # labels
+    if labels is None:
+        kind, lab = LABELS_NONE, None
+        if label_offsets is not None:
+            raise ValueError("label_offsets is given but labels is None")
+    elif isinstance(labels, str):
+        if labels != "input_ids":
+            raise ValueError(f"labels must be None, 'input_ids' or sequences of label ids, got {labels!r}")
+        kind, lab = LABELS_DERIVED, None
+    else:
+        kind, lab = LABELS_GIVEN, _as_seqs(labels, label_offsets, "labels", "label_offsets")
+        if lab.B != B:
+            raise ValueError(f"labels has {lab.B} examples but input_ids has B = {B}")
+    if kind != LABELS_NONE and opts.label_pad_token_id is None:
+        raise ValueError("label_pad_token_id must be an int when labels are returned")
+    if kind == LABELS_NONE and (return_shift_labels or opts.decoder_start_token_id is not None):
+        raise ValueError("return_shift_labels / decoder_start_token_id need labels (labels='input_ids' or sequences)")
+    if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
+        raise ValueError("decoder_start_token_id needs pad_token_id (decoder_input_ids replace -100 by it)")
+
+    # per-example masks
+    if prompt_lengths is not None:
+        if kind != LABELS_DERIVED and not return_loss_mask:
+            raise ValueError("prompt_lengths applies to labels='input_ids' or return_loss_mask=True")
+        prompt = _prompt_lengths(prompt_lengths, B)
+    else:
+        prompt = None
+        if return_loss_mask:
+            raise ValueError("return_loss_mask=True needs prompt_lengths")
+    masks = None
+    if loss_masks is not None:
+        if kind != LABELS_DERIVED:
+            raise ValueError("loss_masks apply to derived labels (labels='input_ids')")
+        masks = _as_seqs(loss_masks, offsets, "loss_masks", "offsets")
+        _check_aligned(masks, src, "values")
+    extra_seqs = {}
+    if extras:
+        if not isinstance(extras, dict):
+            raise TypeError(f"extras must be a dict {{name: (sequences, pad_value)}}, got {type(extras).__name__}")
+        for name, spec in extras.items():
+            if not isinstance(name, str) or name in OUTPUT_KEYS:
+                raise ValueError(f"extras: name {name!r} must be a str other than the op's own outputs {OUTPUT_KEYS}")
+            if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+                raise TypeError(f"extras[{name!r}]: expected (sequences, pad_value), got {type(spec).__name__}")
+            seqs = _as_seqs(spec[0], offsets, name, "offsets")
+            _check_aligned(seqs, src, "values")
+            pad = _as_int(spec[1], f"extras[{name!r}] pad value")
+            lo, hi = opts.value_range
+            if not lo <= pad <= hi:
+                raise ValueError(f"extras[{name!r}] pad value {pad} does not fit in the output dtype {opts.dtype}")
+            extra_seqs[name] = (seqs, pad)
+
+    # devices
+    out_device = _resolve_device(device, src)
+    for seqs in [src, lab, masks] + [s for s, _ in extra_seqs.values()]:
+        if seqs is not None and not seqs.on_host and seqs.device != out_device:
+            raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on a "
+                             "device can only be collated onto that device")
+    requested, backend = backend, _select_backend(backend, out_device)
+
+    # plan (every length rule is checked here, before any launch)
+    lab_on_host = lab is None or lab.host_offsets()
+    if src.host_offsets() and lab_on_host:
+        layout = _host_layout(src, lab, prompt, opts, kind)
+    elif opts.padding == "max_length" and not src.host_offsets() and (lab is None or not lab.host_offsets()):
+        layout = _device_layout(src, lab, prompt, opts, kind)
+    else:
+        # Offsets on the device and padding="longest": the padded length needs them on the host (one sync).
+        src, lab, masks, extra_seqs = (_host_copy_offsets(src), _host_copy_offsets(lab), _host_copy_offsets(masks, src),
+                                       {k: (_host_copy_offsets(s, src), p) for k, (s, p) in extra_seqs.items()})
+        prompt = prompt.cpu().numpy() if isinstance(prompt, torch.Tensor) else prompt
+        layout = _host_layout(src, lab, prompt, opts, kind)
+
+    want = {
+        "attention_mask": return_attention_mask,
+        "labels": kind != LABELS_NONE,
+        "decoder_input_ids": opts.decoder_start_token_id is not None,
+        "shift_labels": return_shift_labels,
+        "position_ids": return_position_ids,
+        "loss_mask": return_loss_mask,
+    }
+
+    if backend == "torch":
+        out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
+        return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
+
+    B, L, Ll = src.B, layout.L, layout.Ll
+    outs = {"input_ids": torch.empty((B, L), dtype=opts.dtype, device=out_device)}
+    for key in OUTPUT_KEYS[1:]:
+        if want[key]:
+            width = Ll if key in ("labels", "decoder_input_ids", "shift_labels") else L
+            outs[key] = torch.empty((B, width), dtype=opts.dtype, device=out_device)
+    if backend == "cpu":
+        for name in extra_seqs:
+            outs[name] = torch.empty((B, L), dtype=opts.dtype)
+        _run_cpu(layout, src, kind, lab, masks, extra_seqs, opts, outs, num_threads)
+        return outs
+
+    extras_out = torch.empty((len(extra_seqs), B, L), dtype=opts.dtype, device=out_device) if extra_seqs else None
+    try:
+        _run_device(backend, layout, src, kind, lab, masks, extra_seqs, opts, out_device, outs, extras_out)
+    except Exception as e:
+        # Under "auto", a Triton compile or launch failure (no C compiler, a driver problem) falls back to the
+        # reference for the rest of the process; bad input (ValueError / TypeError) is the caller's to see.
+        if requested != "auto" or backend != "triton" or isinstance(e, (ValueError, TypeError)):
+            raise
+        _TRITON_BROKEN.append(e)
+        warnings.warn(f"pyseqpack.pad_shift_mask: the Triton kernel failed ({type(e).__name__}: {e}); "
+                      "backend='auto' uses 'torch' from now on", RuntimeWarning, stacklevel=2)
+        out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
+        return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
+    for e, name in enumerate(extra_seqs):
+        outs[name] = extras_out[e]
+    return outs

@@ -1,0 +1,191 @@
+"""ctypes launcher of the CUDA pad_shift_mask kernel (csrc/pad_shift_mask.cu in the pyseqpack._cuda library).
+
+The hook pyseqpack/pad_shift_mask.py calls for backend="cuda", with the same argument as the Triton launcher:
+
+    unavailable_reason() -> None when the built library holds the kernel, else why not
+    launch(args: pyseqpack.pad_shift_mask.DeviceLaunch) -> None
+
+One kernel launch writes every requested output. The caller owns the semantics (the plan's values, value
+ranges for int32 outputs). This module checks only what keeps the raw-pointer call memory-safe and
+well-typed: devices, dtypes, shapes, contiguity, and that the host pad values fit the output dtype. The plan's
+offsets are NOT checked here (on the device, reading them would sync): the kernel writes a row whose window
+leaves its buffer as padding instead of reading outside it. Nothing syncs with the host, so a launch can be
+captured in a CUDA graph. A nonzero return of the C entry point (a cudaError_t) raises RuntimeError with the
+CUDA error string.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import operator
+from typing import Optional
+
+import torch
+
+from . import _native
+
+__all__ = ["launch", "unavailable_reason"]
+
+# Output slots of the C ABI, in the order of its `outs` array (enum Out in csrc/pad_shift_mask.cu).
+_OUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids", "shift_labels", "position_ids", "loss_mask")
+_LABEL_OUTS = ("labels", "decoder_input_ids", "shift_labels")  # [B, Ll]; the others are [B, L]
+# Element type codes of the C ABI (enum TypeCode in csrc/pad_shift_mask.cu).
+_CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
+_INTS = (torch.int64, torch.int32)
+_LABELS_KINDS = (0, 1, 2)  # none, derived from tokens, given (psm::LabelsKind)
+# Columns are tiled by 256 threads and the grid has at most 65535 tiles (csrc/pad_shift_mask.cu).
+_MAX_WIDTH = 65535 * 256
+
+
+@functools.lru_cache(maxsize=None)
+def _lib():
+    lib = _native.cuda_library()  # BackendUnavailable, with a diagnostic, when the library was not built
+    p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    lib.pyseqpack_psm_fill.argtypes = [
+        p, i64, i64, i64,     # plan, B, L, Ll
+        p, i64, i32,          # tokens, n_tokens, tokens_code
+        p, i32,               # loss_masks, mask_code
+        i32, p, i64, i32,     # labels_kind, labels, n_labels, labels_code
+        p,                    # outs: 7 pointers
+        p, i64, i32, p, p,    # extras, n_extras, extras_code, extra_pads, extras_out
+        i64, i64, i64,        # pad_token_id, label_pad_token_id, decoder_start_token_id
+        i32, p,               # out_code, stream
+    ]
+    lib.pyseqpack_psm_fill.restype = i32
+    lib.pyseqpack_cuda_error_string.argtypes = [i32]
+    lib.pyseqpack_cuda_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when pyseqpack._cuda is built and holds this kernel; else a diagnostic (and how to fix it)."""
+    try:
+        lib = _native.cuda_library()
+    except _native.BackendUnavailable as e:
+        return str(e)
+    if not hasattr(lib, "pyseqpack_psm_fill"):
+        return ("pyseqpack._cuda was built without the pad_shift_mask kernel (a stale build); reinstall with "
+                "`pip install --no-build-isolation --no-deps .` (PYSEQPACK_CUDA=1 forces the CUDA build)")
+    return None
+
+
+def _check_return(rc: int) -> None:
+    if rc != 0:
+        msg = _lib().pyseqpack_cuda_error_string(rc).decode(errors="replace")
+        raise RuntimeError(f"pyseqpack CUDA pad_shift_mask: pyseqpack_psm_fill failed with CUDA error {rc}: {msg}")
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"pyseqpack CUDA pad_shift_mask: {msg}")
+
+
+def _require_tensor(name: str, t, device: torch.device, dtypes: tuple, shape: tuple) -> None:
+    """`t` is a C-contiguous tensor of `shape` with one of `dtypes`, on `device`."""
+    _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _require(t.device == device, f"{name} must be on {device} (the device of plan), got {t.device}")
+    _require(t.dtype in dtypes, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    _require(tuple(t.shape) == shape, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    _require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _require_int(name: str, value, lo: int, hi: int, what: str) -> int:
+    """`value` (an int, numpy integers too, not a bool) as an int, checked to lie in [lo, hi]."""
+    try:
+        _require(not isinstance(value, bool), "")
+        value = operator.index(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"pyseqpack CUDA pad_shift_mask: {name} must be an int, got {value!r}") from None
+    _require(lo <= value <= hi, f"{name} = {value} is outside {what}")
+    return value
+
+
+def _arguments(a) -> list:
+    """Checks a DeviceLaunch and returns the C entry point's arguments (all but the stream)."""
+    plan = a.plan
+    _require(isinstance(plan, torch.Tensor), f"plan must be a torch.Tensor, got {type(plan).__name__}")
+    device = plan.device
+    B = plan.shape[0] if plan.dim() == 2 else -1
+    _require_tensor("plan", plan, device, (torch.int64,), (B, 8))
+    _require(B < 2**31, f"plan has {B} rows; one launch takes at most 2**31 - 1")
+    _require(a.mode == 0, f"mode {a.mode!r} is not built: only mode 0 (padded) is")
+    _require(a.labels_kind in _LABELS_KINDS, f"labels_kind must be 0 (none), 1 (derived) or 2 (given), got {a.labels_kind!r}")
+    L = _require_int("L", a.L, 0, _MAX_WIDTH, f"[0, {_MAX_WIDTH}]")
+    Ll = _require_int("Ll", a.Ll, 0, _MAX_WIDTH, f"[0, {_MAX_WIDTH}]")
+    _require(a.labels_kind != 1 or Ll == L, f"derived labels (labels_kind 1) need Ll == L, got L={L}, Ll={Ll}")
+
+    tokens = a.tokens
+    n = tokens.numel() if isinstance(tokens, torch.Tensor) else -1
+    _require_tensor("tokens", tokens, device, _INTS, (n,))
+    if a.loss_masks is not None:
+        _require(a.labels_kind == 1, f"loss_masks apply to derived labels (labels_kind 1), got labels_kind {a.labels_kind}")
+        _require_tensor("loss_masks", a.loss_masks, device, (torch.uint8,) + _INTS, (n,))
+    if a.labels_kind == 2:
+        labels = a.labels
+        _require(labels is not None, "labels_kind 2 needs the `labels` buffer")
+        _require_tensor("labels", labels, device, _INTS, (labels.numel() if isinstance(labels, torch.Tensor) else -1,))
+    else:
+        _require(a.labels is None, f"`labels` is only read with labels_kind 2, got labels_kind {a.labels_kind}")
+
+    outputs = a.outputs
+    _require(isinstance(outputs, dict), f"outputs must be a dict {{key: tensor}}, got {type(outputs).__name__}")
+    unknown = sorted(set(outputs) - set(_OUTS) - {"extras"})
+    _require(not unknown, f"outputs has unknown keys {unknown}; expected keys from {list(_OUTS)} and 'extras'")
+    if a.labels_kind == 0:
+        asked = [k for k in _LABEL_OUTS if outputs.get(k) is not None]
+        _require(not asked, f"outputs {asked} need labels (labels_kind 1 or 2), got labels_kind 0")
+    E = 0
+    if a.extras is not None:
+        E = a.extras.shape[0] if isinstance(a.extras, torch.Tensor) and a.extras.dim() == 2 else -1
+        _require_tensor("extras", a.extras, device, _INTS, (E, n))
+        _require_tensor("extra_pads", a.extra_pads, device, (torch.int64,), (E,))
+    _require((outputs.get("extras") is not None) == (E > 0),
+             f"outputs['extras'] ([E, B, L]) must be given exactly when there are extras (E = {E})")
+    # (argument name, tensor, shape) of every output the kernel writes; they share one dtype.
+    targets = [(f"outputs[{k!r}]", t, (E, B, L) if k == "extras" else (B, Ll) if k in _LABEL_OUTS else (B, L))
+               for k, t in outputs.items() if t is not None]
+    for name, t, shape in targets:
+        _require_tensor(name, t, device, _INTS, shape)
+    dtypes = sorted({str(t.dtype) for _, t, _ in targets})
+    _require(len(dtypes) <= 1, f"every output must have the same dtype, got {' and '.join(dtypes)}")
+    out_dtype = targets[0][1].dtype if targets else torch.int64
+    info = torch.iinfo(out_dtype)
+    pads = [_require_int(name, getattr(a, name), info.min, info.max, f"the output dtype {out_dtype}")
+            for name in ("pad_token_id", "label_pad_token_id", "decoder_start_token_id")]
+
+    def ptr(t):
+        return t.data_ptr() if t is not None else None
+
+    def code(t):
+        return _CODES[t.dtype] if t is not None else 0
+
+    labels = a.labels if a.labels_kind == 2 else None
+    return [
+        plan.data_ptr(), B, L, Ll,
+        tokens.data_ptr(), n, _CODES[tokens.dtype],
+        ptr(a.loss_masks), code(a.loss_masks),
+        a.labels_kind, ptr(labels), labels.numel() if labels is not None else 0, code(labels),
+        (ctypes.c_void_p * len(_OUTS))(*(ptr(outputs.get(k)) for k in _OUTS)),
+        ptr(a.extras), E, code(a.extras), ptr(a.extra_pads), ptr(outputs.get("extras")),
+        *pads,
+        _CODES[out_dtype],
+    ]
+
+
+def launch(args) -> None:
+    """Writes every output of one planned batch, enqueued on torch's current stream of the plan's device.
+
+    args is a pyseqpack.pad_shift_mask.DeviceLaunch (its docstring gives every field's shape and dtype):
+    plan int64 [B, 8]; tokens int32/int64 [T]; loss_masks None or uint8/int32/int64 [T] (derived labels
+    only); labels None or int32/int64 [Tl] (labels_kind 2); extras None or int32/int64 [E, T] with
+    extra_pads int64 [E]; outputs {key: [B, L] or [B, Ll] tensor} plus "extras" [E, B, L], all int32 or all
+    int64; every tensor contiguous, on one CUDA device. Returns None; raises ValueError naming the field for a
+    bad argument, RuntimeError for a CUDA error.
+    """
+    c_args = _arguments(args)
+    device = args.plan.device
+    _require(device.type == "cuda", f"the CUDA kernel needs CUDA tensors, got plan and buffers on {device}")
+    lib = _lib()
+    with torch.cuda.device(device):
+        rc = lib.pyseqpack_psm_fill(*c_args, torch.cuda.current_stream(device).cuda_stream)
+    _check_return(rc)

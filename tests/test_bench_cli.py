@@ -1,0 +1,115 @@
+"""`python -m pyseqpack bench`: the report math on hand-made pytest-benchmark JSON, the error for a missing
+bench/ folder, and one end-to-end run of the real benchmarks on tiny shapes (--smoke, about 10 s)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pyseqpack import bench
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench(group, impl, role, median, *, nbytes=None, suite="collate", **info):
+    extra = {"suite": suite, "impl": impl, "role": role, "bytes": nbytes, **info}
+    return {"group": group, "name": f"test[{impl}]", "extra_info": extra,
+            "stats": {"median": median, "iqr": 0.0, "rounds": 5}}
+
+
+def _raw():
+    return {
+        "pyseqpack": {"device": "test device", "date": "2025-01-01T00:00:00+00:00",
+                      "command": "python -m pyseqpack bench --quick", "versions": {"torch": "9.9"}},
+        "benchmarks": [
+            _bench("g1", "hf", "baseline", 2e-3, nbytes=10**6, max_len=512, input="list"),
+            _bench("g1", "ours", "ours", 5e-4, nbytes=10**6, max_len=512, input="list",
+                   goal={"kind": "speedup_at_least", "value": 20, "target": 30, "label": "drop-in"}),
+            _bench("g1", "memcpy", "reference", 1e-4, nbytes=10**6),
+            _bench("g2", "kernel", "ours", 4e-5, nbytes=None, max_len=4096, input="flat",
+                   goal={"kind": "median_below_us", "value": 50}),
+            _bench("ce1", "eager", "baseline", 0.3, nbytes=4 * 10**9, suite="ce", vocab=32000, tokens=512,
+                   dtype="fp32"),
+            _bench("ce1", "fused", "ours", 0.1, nbytes=4 * 10**9, suite="ce", vocab=32000, tokens=512,
+                   dtype="fp32"),
+        ],
+    }
+
+
+def test_summary_speedup_gbps_and_goals():
+    s = bench.summarize(_raw())
+    rows = {(r["group"], r["impl"]): r for r in s["rows"]}
+    # speedup = baseline median / median; GB/s = bytes / median / 1e9
+    assert rows["g1", "ours"]["speedup"] == pytest.approx(2e-3 / 5e-4)
+    assert rows["g1", "hf"]["speedup"] == pytest.approx(1.0)
+    assert rows["g1", "ours"]["gbps"] == pytest.approx(10**6 / 5e-4 / 1e9)
+    assert rows["ce1", "fused"]["gbps"] == pytest.approx(40.0)
+    assert rows["ce1", "fused"]["speedup"] == pytest.approx(3.0)
+    assert rows["g2", "kernel"]["speedup"] is None  # no baseline in its group
+    assert rows["g2", "kernel"]["gbps"] is None  # no byte count
+    goals = {g["impl"]: g for g in s["goals"]}
+    assert goals["ours"]["met"] is False  # 4x < 20x
+    assert goals["kernel"]["met"] is True  # 40 us < 50 us
+
+
+def test_summary_rejects_two_baselines():
+    raw = _raw()
+    raw["benchmarks"].append(_bench("g1", "torch", "baseline", 1e-3))
+    with pytest.raises(ValueError, match="g1.*two baselines"):
+        bench.summarize(raw)
+
+
+def test_markdown_and_plot_carry_the_metadata(tmp_path):
+    s = bench.write_reports(_raw(), tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    for text in ("test device", "2025-01-01", "`python -m pyseqpack bench --quick`", "torch 9.9", "4.00x",
+                 "| **no** |", "![speedup](speedup.png)"):
+        assert text in md, text
+    assert (tmp_path / "speedup.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((tmp_path / "summary.json").read_text())["meta"] == s["meta"]
+
+
+def test_missing_bench_dir_is_a_clear_error(tmp_path, capsys):
+    assert bench.main(["--bench-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--bench-dir" in err and str(tmp_path / "nowhere") in err and "bench_collate.py" in err
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    argv = ["--suite", "all", "--smoke", "--out", str(out), "--bench-dir", str(REPO / "bench"), "--label", "test box"]
+    assert bench.main(argv) == 0
+    raw = json.loads((out / "benchmark.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["meta"]
+    assert meta["command"] == "python -m pyseqpack bench " + " ".join(argv[:7]) + " --label 'test box'"
+    assert meta["versions"]["torch"] and meta["date"] and meta["device"] and meta["label"] == "test box"
+
+    # Every speedup recomputed from pytest-benchmark's own medians.
+    medians = {(b["group"], b["extra_info"]["impl"]): b["stats"]["median"] for b in raw["benchmarks"]}
+    base = {b["group"]: b["stats"]["median"] for b in raw["benchmarks"] if b["extra_info"]["role"] == "baseline"}
+    for r in summary["rows"]:
+        assert r["speedup"] == pytest.approx(base[r["group"]] / medians[r["group"], r["impl"]])
+
+    impls = {r["impl"] for r in summary["rows"]}
+    for expected in ("transformers DataCollatorForSeq2Seq", "torch pad_sequence collator",
+                     "pyseqpack DataCollatorForSeq2Seq", "pyseqpack pad_shift_mask[cpu]",
+                     "pyseqpack pad_shift_mask[torch]", "torch ops (split + pad_sequence + masks)",
+                     "torch eager (+argmax accuracy)", "pyseqpack fused_cross_entropy[torch]"):
+        assert expected in impls, f"{expected!r} did not run (skipped?); ran: {sorted(impls)}"
+    md = (out / "results.md").read_text()
+    assert meta["command"] in md and "test box" in md
+    assert (out / "speedup.png").read_bytes()[:8] == PNG_MAGIC
+
+    # --from-json re-renders the same summary without running anything.
+    again = tmp_path / "again"
+    assert bench.main(["--from-json", str(out / "benchmark.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_bench_dir_is_found_from_the_checkout(monkeypatch):
+    # Editable install: next to the package; installed copy (CI): ./bench of the checkout being tested.
+    monkeypatch.chdir(REPO)
+    assert bench.find_bench_dir() == (REPO / "bench").resolve()

@@ -1,0 +1,519 @@
+"""pyseqpack's drop-in collators against the real transformers classes they replace.
+
+Every test builds the same features for both, runs both, and compares the whole output (container type,
+key order, dtypes, shapes, values) or, for bad input, the exception type. Tokenizers and models are built
+offline by hf_fixtures (random tiny models, WordLevel tokenizers with each family's special-token layout).
+"""
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_fixtures import (
+    SEQ2SEQ_MODELS,
+    assert_same_batch,
+    assert_same_outcome,
+    assert_unchanged,
+    make_model,
+    make_tokenizer,
+    snapshot,
+    word_ids,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pyseqpack
+from pyseqpack.collators import _decoder_rule
+
+OURS = {
+    "seq2seq": pyseqpack.DataCollatorForSeq2Seq,
+    "padding": pyseqpack.DataCollatorWithPadding,
+    "lm": pyseqpack.DataCollatorForLanguageModeling,
+    "token": pyseqpack.DataCollatorForTokenClassification,
+}
+THEIRS = {
+    "seq2seq": transformers.DataCollatorForSeq2Seq,
+    "padding": transformers.DataCollatorWithPadding,
+    "lm": transformers.DataCollatorForLanguageModeling,
+    "token": transformers.DataCollatorForTokenClassification,
+}
+
+
+def both(kind, *args, **kwargs):
+    """(our collator, transformers' collator) built with the same arguments."""
+    return OURS[kind](*args, **kwargs), THEIRS[kind](*args, **kwargs)
+
+
+def compare(kind, features, *args, call_kwargs=None, **kwargs):
+    """Runs both collators on the same features; same batch or same exception type. Checks no mutation."""
+    ours, theirs = both(kind, *args, **kwargs)
+    before = snapshot(features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation chatter; warnings have their own test
+        result = assert_same_outcome(lambda f: ours(f, **(call_kwargs or {})),
+                                     lambda f: theirs(f, **(call_kwargs or {})), features)
+    assert_unchanged(features, before)
+    return result
+
+
+def rand_rows(rng, tokenizer, n, lo, hi, specials=()):
+    """n rows of lo..hi token ids: ordinary words, sprinkled with the given special ids."""
+    words = list(word_ids(tokenizer))
+    pool = words + list(specials) * max(1, len(words) // 10)
+    return [[rng.choice(pool) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def seq2seq_features(rng, tokenizer, n=5, with_mask=True, label_key="labels", lo=1, hi=9):
+    inputs = rand_rows(rng, tokenizer, n, lo, hi)
+    # labels carry -100 too (a user's own ignore positions), and end with eos like real targets
+    labels = rand_rows(rng, tokenizer, n, lo, hi, specials=[-100])
+    eos = tokenizer.eos_token_id
+    feats = []
+    for x, y in zip(inputs, labels):
+        f = {"input_ids": x}
+        if with_mask:
+            f["attention_mask"] = [1] * len(x)
+        f[label_key] = y + ([eos] if eos is not None else [])
+        feats.append(f)
+    return feats
+
+
+# ---- DataCollatorForSeq2Seq --------------------------------------------------------------------------------
+
+# rule that pyseqpack must recognize for each model (None: the model has no prepare_decoder_input_ids_from_labels)
+EXPECTED_RULE = {
+    "t5": "start", "mt5": "start", "umt5": "start", "longt5": "start", "switch_transformers": "start",
+    "bart": "start", "pegasus": "start", "marian": "start", "bigbird_pegasus": "start", "mvp": "start",
+    "pegasus_x": "start", "led": "start", "mbart": "wrap", "plbart": "wrap", "fsmt": "wrap_in_place",
+    "whisper": None, "m2m100": None, "blenderbot": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ_MODELS))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_seq2seq_with_model(name, side):
+    """decoder_input_ids for every model family, computed by us (no model call) and equal to the model's."""
+    model = make_model(name)
+    assert (_decoder_rule(model) if hasattr(model, "prepare_decoder_input_ids_from_labels") else None) == \
+        EXPECTED_RULE[name]
+    tok = make_tokenizer(SEQ2SEQ_MODELS[name], padding_side=side)
+    rng = random.Random(hash((name, side)) % 1000)
+    feats = seq2seq_features(rng, tok)
+    out = compare("seq2seq", feats, tok, model=model, pad_to_multiple_of=4 if side == "left" else None)
+    assert ("decoder_input_ids" in out) == (EXPECTED_RULE[name] is not None)
+
+
+def test_seq2seq_does_not_call_known_models(monkeypatch):
+    """The T5/BART/mBART/FSMT rules are computed here: the model's method is never called for them."""
+    tok = make_tokenizer("bart")
+    feats = seq2seq_features(random.Random(0), tok)
+    for name in ("bart", "mbart", "fsmt", "t5"):
+        model = make_model(name)
+        method = type(model).prepare_decoder_input_ids_from_labels
+
+        def boom(*args, **kwargs):
+            pytest.fail("the model's prepare_decoder_input_ids_from_labels was called")
+
+        boom.__module__ = method.__module__  # the rule is read from the defining module: keep it
+        monkeypatch.setattr(type(model), "prepare_decoder_input_ids_from_labels", boom)
+        assert _decoder_rule(model) == EXPECTED_RULE[name]
+        assert "decoder_input_ids" in pyseqpack.DataCollatorForSeq2Seq(tok, model=model)(feats)
+
+
+def test_seq2seq_unknown_model_is_called():
+    """A model whose method we do not know (here: a subclass overriding it) is called, like transformers."""
+
+    class Custom(type(make_model("bart"))):
+        def prepare_decoder_input_ids_from_labels(self, labels):
+            return labels.flip(-1) * 2
+
+    model = Custom(make_model("bart").config)
+    assert _decoder_rule(model) == "call"
+    tok = make_tokenizer("bart")
+    compare("seq2seq", seq2seq_features(random.Random(1), tok), tok, model=model)
+
+
+@pytest.mark.parametrize("name", ["mbart", "fsmt"])
+def test_seq2seq_wrap_all_ignored_row_raises(name):
+    """mBART/FSMT take the start token from the last non-pad label: an all -100 row raises (RuntimeError)."""
+    tok = make_tokenizer(SEQ2SEQ_MODELS[name])
+    feats = [{"input_ids": [5, 6], "labels": [7, 8, 2]}, {"input_ids": [5], "labels": [-100, -100]}]
+    err = compare("seq2seq", feats, tok, model=make_model(name))
+    assert "example 1" in str(err)
+
+
+def test_seq2seq_fsmt_rewrites_labels():
+    """FSMT's shift rewrites -100 -> pad in the labels tensor itself (transformers' known bug, reproduced)."""
+    tok = make_tokenizer("bart")
+    feats = [{"input_ids": [5, 6, 7], "labels": [9, -100, 2]}, {"input_ids": [5], "labels": [9, 2]}]
+    out = compare("seq2seq", feats, tok, model=make_model("fsmt"))
+    assert (out["labels"] != -100).all()  # even the label padding became pad
+
+
+def test_seq2seq_fused_shift_falls_back_when_model_pad_differs():
+    """The fused T5/BART shift uses the tokenizer's pad id; a model whose config pad differs is shifted
+    with its own pad id (the unfused path), like transformers."""
+    tok = make_tokenizer("t5")
+    model = transformers.T5ForConditionalGeneration(make_model("t5").config.__class__(
+        **{**make_model("t5").config.to_dict(), "pad_token_id": 7, "decoder_start_token_id": 9}))
+    compare("seq2seq", seq2seq_features(random.Random(2), tok), tok, model=model)
+
+
+@pytest.mark.parametrize("padding", [True, "longest", "max_length", False, "do_not_pad"])
+@pytest.mark.parametrize("max_length", [None, 10])
+@pytest.mark.parametrize("multiple", [None, 4])
+def test_seq2seq_padding_options(padding, max_length, multiple):
+    """Every padding strategy x max_length x pad_to_multiple_of, on ragged and on equal-length batches, with
+    a tokenizer without a model limit and one with model_max_length=12 (padding='max_length' pads to it)."""
+    rng = random.Random(7)
+    for model_max_length in (None, 12):
+        kw = {} if model_max_length is None else {"model_max_length": model_max_length}
+        tok = make_tokenizer("t5", **kw)
+        ragged = seq2seq_features(rng, tok, lo=1, hi=8)
+        equal = [{"input_ids": r, "labels": r[::-1]} for r in rand_rows(rng, tok, 3, 5, 5)]
+        for feats in (ragged, equal):
+            compare("seq2seq", feats, tok, model=make_model("t5"), padding=padding, max_length=max_length,
+                    pad_to_multiple_of=multiple)
+
+
+def test_seq2seq_max_length_and_longer_rows():
+    """padding='max_length' never truncates: longer labels / inputs raise ValueError, unless all the longer
+    rows have one length (then transformers returns them unpadded, and so do we)."""
+    tok = make_tokenizer("t5")
+    cases = [
+        [{"input_ids": [5, 6], "labels": [5, 6, 7, 8, 9]}, {"input_ids": [5], "labels": [5]}],  # ragged labels
+        [{"input_ids": [5, 6], "labels": [5, 6, 7, 8, 9]}, {"input_ids": [5], "labels": [5, 6, 7, 8, 9]}],
+        [{"input_ids": [5, 6, 7, 8, 9], "labels": [5]}, {"input_ids": [5, 6], "labels": [5]}],  # ragged inputs
+        [{"input_ids": [5, 6, 7, 8, 9], "labels": [5]}, {"input_ids": [5, 6, 7, 8, 9], "labels": [5]}],
+    ]
+    for feats in cases:
+        err = compare("seq2seq", feats, tok, padding="max_length", max_length=3)
+        if isinstance(err, Exception):
+            assert isinstance(err, ValueError) and "example" in str(err)
+
+
+def test_seq2seq_label_keys_and_missing_labels():
+    tok = make_tokenizer("bart")
+    rng = random.Random(3)
+    model = make_model("bart")
+    compare("seq2seq", seq2seq_features(rng, tok, label_key="label"), tok, model=model)  # "label" -> "labels"
+    no_labels = [{k: v for k, v in f.items() if k != "labels"} for f in seq2seq_features(rng, tok)]
+    out = compare("seq2seq", no_labels, tok, model=model)
+    assert "labels" in out and out["labels"] is None
+    none_labels = [dict(f, labels=None) for f in no_labels]
+    assert compare("seq2seq", none_labels, tok, model=model)["labels"] is None
+    # a mix of None and lists raises TypeError, whichever comes first, and with every padding mode
+    mixed = [{"input_ids": [5, 6], "labels": [7, 8, 2]} for _ in range(3)]
+    for i in (0, 2):
+        feats = [dict(f) for f in mixed]
+        feats[i]["labels"] = None
+        for padding, max_length in ((True, None), ("max_length", 12), (False, None)):
+            err = compare("seq2seq", feats, tok, padding=padding, max_length=max_length)
+            assert isinstance(err, (TypeError, ValueError)) and f"example {i}" in str(err)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, "torch32", "torch64"])
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_seq2seq_array_inputs(dtype, return_tensors):
+    """numpy / tensor rows (int32 comes out int64), with both return types."""
+    tok = make_tokenizer("t5", padding_side="left")
+    feats = seq2seq_features(random.Random(4), tok)
+
+    def conv(row):
+        if dtype == "torch32":
+            return torch.tensor(row, dtype=torch.int32)
+        if dtype == "torch64":
+            return torch.tensor(row)
+        return np.asarray(row, dtype=dtype)
+
+    feats = [{k: conv(v) for k, v in f.items()} for f in feats]
+    compare("seq2seq", feats, tok, return_tensors=return_tensors, pad_to_multiple_of=8)
+    compare("seq2seq", feats, tok, call_kwargs={"return_tensors": return_tensors})
+
+
+def test_seq2seq_numpy_with_model():
+    """return_tensors='np' with a model: transformers' shift functions need torch tensors and raise
+    AttributeError; so do we (known models), and a model without the method just gets no decoder ids."""
+    tok = make_tokenizer("bart")
+    feats = seq2seq_features(random.Random(5), tok)
+    for name in ("bart", "mbart", "fsmt", "m2m100"):
+        compare("seq2seq", feats, tok, model=make_model(name), return_tensors="np")
+
+
+def test_seq2seq_single_example_and_empty_rows():
+    tok = make_tokenizer("t5")
+    model = make_model("t5")
+    compare("seq2seq", [{"input_ids": [5, 6, 7], "labels": [8, 1]}], tok, model=model)
+    compare("seq2seq", [{"input_ids": [], "labels": [8, 1]}, {"input_ids": [5], "labels": []}], tok, model=model)
+    compare("seq2seq", [{"input_ids": [5], "labels": []}, {"input_ids": [5], "labels": []}], tok, model=model)
+
+
+# ---- extras, dtypes and errors shared by the tokenizer.pad-based collators ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "padding", "token"])
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_extra_fields(kind, return_tensors):
+    """Unpadded extras (ints, floats, fixed-length lists, strings, ragged) are batched exactly as transformers
+    batches them; token_type_ids / special_tokens_mask are padded with pad_token_type_id / 1."""
+    tok = make_tokenizer("bert", padding_side="left")
+    rng = random.Random(6)
+    rows = rand_rows(rng, tok, 4, 1, 7)
+    base = [{"input_ids": r, "token_type_ids": [rng.randint(0, 1) for _ in r],
+             "special_tokens_mask": [rng.randint(0, 1) for _ in r]} for r in rows]
+    if kind == "token":
+        base = [dict(f, labels=[rng.randint(0, 4) for _ in f["input_ids"]]) for f in base]
+    extras = {
+        "idx": lambda i: i,
+        "score": lambda i: i + 0.5,
+        "pair": lambda i: [i, i * 2],
+        "name": lambda i: f"ex{i}",
+        "ragged": lambda i: list(range(i + 1)),
+        "np_float": lambda i: np.float64(i) / 3,
+    }
+    for key, make in extras.items():
+        feats = [dict(f, **{key: make(i)}) for i, f in enumerate(base)]
+        compare(kind, feats, tok, return_tensors=return_tensors)
+        # the same extra when the token rows are arrays (transformers then converts every field to lists first)
+        arrays = [dict(f, input_ids=np.asarray(f["input_ids"], dtype=np.int32)) for f in feats]
+        compare(kind, arrays, tok, return_tensors=return_tensors)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "padding", "token", "lm"])
+def test_key_order_and_created_attention_mask(kind):
+    """Keys come in the first example's order, with a created attention_mask after them."""
+    tok = make_tokenizer("bert")
+    rng = random.Random(8)
+    rows = rand_rows(rng, tok, 3, 1, 6)
+    feats = [{"token_type_ids": [0] * len(r), "input_ids": r, "labels": list(r)} for r in rows]
+    if kind == "lm":
+        feats = [{k: v for k, v in f.items() if k != "labels"} for f in feats]
+    compare(kind, feats, tok, **({"mlm": False} if kind == "lm" else {}))
+    with_mask = [{"attention_mask": [1] * len(f["input_ids"]), **f} for f in feats]
+    compare(kind, with_mask, tok, **({"mlm": False} if kind == "lm" else {}))
+    # a tokenizer whose model inputs do not include attention_mask: none is created, a given one is not padded
+    tok2 = make_tokenizer("t5", model_input_names=["input_ids"])
+    compare(kind, [{k: v for k, v in f.items() if k != "token_type_ids"} for f in feats], tok2,
+            **({"mlm": False} if kind == "lm" else {}))
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "padding", "token", "lm"])
+def test_errors_match(kind):
+    """Bad input raises the same exception type as transformers, with a message naming example and field."""
+    extra = {"mlm": False} if kind == "lm" else {}
+    tok = make_tokenizer("t5")
+    no_pad = make_tokenizer("llama")
+    ok = [{"input_ids": [5, 6, 7]}, {"input_ids": [5]}]
+    cases = [
+        (no_pad, ok, "pad token"),  # padding needed, no pad token
+        (no_pad, [{"input_ids": [5, 6]}, {"input_ids": [7, 8]}], "pad token"),  # even when nothing is padded
+        (tok, [{"input_ids": [5.0, 6]}, {"input_ids": [5]}], "example 0"),  # float token id
+        (tok, [{"input_ids": ["a", 6]}, {"input_ids": [5]}], "example 0"),  # string token
+        (tok, [{"input_ids": [5, 6], "attention_mask": [1, 1]}, {"input_ids": [5]}], "example 1"),  # missing key
+        (tok, [{"ids": [5, 6]}], "input_ids"),  # no main input
+        (tok, [{"input_ids": [5, 6], "x": [1, 2]}, {"input_ids": [5], "x": [1]}], "'x'"),  # ragged extra
+        (tok, [{"input_ids": [5, 6], "x": "a"}, {"input_ids": [5], "x": "b"}], "'x'"),  # string extra
+    ]
+    for tokenizer, feats, needle in cases:
+        err = compare(kind, feats, tokenizer, **extra)
+        assert isinstance(err, Exception), feats
+        assert needle in str(err), f"{needle!r} not in {err}"
+    # an invalid padding strategy
+    if kind != "lm":
+        compare(kind, ok, tok, padding="middle")
+
+
+def test_float_token_later_in_a_row_raises():
+    """transformers only type-checks the first token and returns a float32 input_ids tensor for a float
+    later on; we reject it, naming the example and the field."""
+    tok = make_tokenizer("t5")
+    feats = [{"input_ids": [5, 6], "labels": [1]}, {"input_ids": [5, 6.5], "labels": [1]}]
+    with pytest.raises((TypeError, ValueError), match=r"input_ids.*1|1.*input_ids"):
+        pyseqpack.DataCollatorForSeq2Seq(tok)(feats)
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "padding", "token", "lm"])
+@pytest.mark.parametrize("return_tensors", ["tf", "mlx", None])
+def test_unsupported_return_tensors(kind, return_tensors):
+    """Only "pt" and "np" exist here: anything else is a ValueError naming return_tensors."""
+    tok = make_tokenizer("t5")
+    extra = {"mlm": False} if kind == "lm" else {}
+    collator = OURS[kind](tok, return_tensors=return_tensors, **extra)
+    with pytest.raises(ValueError, match="return_tensors"):
+        collator([{"input_ids": [5, 6]}, {"input_ids": [5]}])
+
+
+@pytest.mark.parametrize("kind", ["seq2seq", "padding", "token"])
+def test_max_length_with_padding_true_warns(kind):
+    tok = make_tokenizer("t5")
+    feats = [{"input_ids": [5, 6, 7]}, {"input_ids": [5]}]
+    for collator in both(kind, tok, max_length=5):
+        with pytest.warns(UserWarning, match="max_length"):
+            collator(feats)
+    compare(kind, feats, tok, max_length=5)
+
+
+# ---- DataCollatorWithPadding ---------------------------------------------------------------------------------
+
+
+def test_with_padding_label_renames():
+    tok = make_tokenizer("bart", padding_side="left")
+    rng = random.Random(9)
+    rows = rand_rows(rng, tok, 4, 1, 7)
+    for key, make in (("label", lambda i: i % 2), ("label_ids", lambda i: [i, 1 - i]), ("labels", lambda i: i)):
+        feats = [{key: make(i), "input_ids": r} for i, r in enumerate(rows)]
+        compare("padding", feats, tok, pad_to_multiple_of=3)
+    both_keys = [{"label": 1, "input_ids": r, "label_ids": [0, 1]} for r in rows]
+    compare("padding", both_keys, tok)
+
+
+def test_with_padding_dict_of_columns():
+    """tokenizer.pad (so DataCollatorWithPadding) also takes one dict of batched columns."""
+    tok = make_tokenizer("t5")
+    rows = rand_rows(random.Random(10), tok, 3, 1, 6)
+    compare("padding", {"input_ids": rows, "label": [0, 1, 0]}, tok)
+
+
+# ---- DataCollatorForTokenClassification -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_token_classification(side, return_tensors):
+    tok = make_tokenizer("bert", padding_side=side)
+    rng = random.Random(11)
+    rows = rand_rows(rng, tok, 5, 1, 8)
+    for key in ("label", "labels"):
+        feats = [{"input_ids": r, key: [rng.randint(0, 8) for _ in r]} for r in rows]
+        compare("token", feats, tok, return_tensors=return_tensors, pad_to_multiple_of=4)
+        compare("token", feats, tok, return_tensors=return_tensors, padding="max_length", max_length=9)
+        # labels longer than the input length: ValueError, unless they all have one length
+        long = [dict(f, **{key: f[key] + [1] * 12}) for f in feats]
+        compare("token", long, tok, return_tensors=return_tensors)
+        same = [dict(f, **{key: [1] * 12}) for f in feats]
+        compare("token", same, tok, return_tensors=return_tensors)
+        nones = [dict(f, **{key: None}) if i == 1 else f for i, f in enumerate(feats)]
+        compare("token", nones, tok, return_tensors=return_tensors)
+    compare("token", [{"input_ids": r} for r in rows], tok, return_tensors=return_tensors)  # no labels
+
+
+# ---- DataCollatorForLanguageModeling -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen", "bart"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_lm_dict_examples(family, side):
+    """mlm=False on dicts: labels masked by VALUE (qwen: pad == eos, so every EOS label is -100, the known bug
+    reproduced); special_tokens_mask dropped, user labels overwritten in place."""
+    tok = make_tokenizer(family, padding_side=side)
+    rng = random.Random(12)
+    rows = rand_rows(rng, tok, 5, 1, 8, specials=[tok.eos_token_id])
+    rows = [r + [tok.eos_token_id] for r in rows]
+    feats = [{"input_ids": r, "special_tokens_mask": [0] * len(r)} for r in rows]
+    out = compare("lm", feats, tok, mlm=False, pad_to_multiple_of=4)
+    if family == "qwen":
+        assert not (out["labels"] == tok.eos_token_id).any()
+    compare("lm", [{"labels": [0] * len(r), "input_ids": r} for r in rows], tok, mlm=False)  # ragged labels
+    compare("lm", [{"labels": [0, 1], "input_ids": r} for r in rows], tok, mlm=False)
+    compare("lm", feats, tok, mlm=False, return_tensors="np")
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "np32", "np64", "torch32", "torch64"])
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_lm_bare_rows(form, return_tensors):
+    """Bare sequences: a plain dict of input_ids and labels, dtype as transformers picks it (a tensor's dtype
+    under "pt", a numpy array's under "np", else int64); equal-length rows need no pad token."""
+    conv = {
+        "list": list, "tuple": tuple,
+        "np32": lambda r: np.asarray(r, dtype=np.int32), "np64": lambda r: np.asarray(r, dtype=np.int64),
+        "torch32": lambda r: torch.tensor(r, dtype=torch.int32), "torch64": torch.tensor,
+    }[form]
+    if return_tensors == "np" and form.startswith("torch"):
+        pytest.skip("transformers' numpy path cannot pad tensors")
+    tok = make_tokenizer("qwen", padding_side="left")
+    rows = rand_rows(random.Random(13), tok, 4, 1, 7, specials=[tok.eos_token_id])
+    compare("lm", [conv(r) for r in rows], tok, mlm=False, return_tensors=return_tensors)
+    compare("lm", [conv(r) for r in rows], tok, mlm=False, return_tensors=return_tensors, pad_to_multiple_of=8)
+    equal = [conv(r[:1] * 4) for r in rows]
+    no_pad = make_tokenizer("llama")
+    compare("lm", equal, no_pad, mlm=False, return_tensors=return_tensors)  # stacked, no pad token needed
+    compare("lm", equal, no_pad, mlm=False, return_tensors=return_tensors, pad_to_multiple_of=3)  # must pad
+    compare("lm", [conv(r) for r in rows], no_pad, mlm=False, return_tensors=return_tensors)
+
+
+def test_lm_mlm_delegates_to_transformers():
+    """mlm=True is transformers' own random masking: same seed, same batch; same argument validation."""
+    tok = make_tokenizer("bert")
+    rows = rand_rows(random.Random(14), tok, 4, 2, 9)
+    feats = [{"input_ids": r} for r in rows]
+    compare("lm", feats, tok, mlm=True, seed=0)
+    compare("lm", feats, tok, mlm=True, seed=0, return_tensors="np")
+    for bad in ({"mlm_probability": 1.5}, {"mask_replace_prob": 0.9, "random_replace_prob": 0.2}):
+        with pytest.raises(ValueError):
+            pyseqpack.DataCollatorForLanguageModeling(tok, **bad)
+        with pytest.raises(ValueError):
+            transformers.DataCollatorForLanguageModeling(tok, **bad)
+    for bad in ({"mlm": True}, {"mlm": False, "whole_word_mask": True}):  # t5 has no mask token
+        with pytest.raises(ValueError):
+            pyseqpack.DataCollatorForLanguageModeling(make_tokenizer("t5"), **bad)
+
+
+# ---- property tests: random ragged batches, every drop-in against its original -------------------------------
+
+row_lengths = st.lists(st.integers(0, 9), min_size=1, max_size=5)
+padding_choice = st.sampled_from([(True, None), ("longest", None), ("max_length", 9), ("max_length", 11)])
+
+
+@st.composite
+def batches(draw, family):
+    tok_ids = list(word_ids(make_tokenizer(family)))
+    lengths = draw(row_lengths)
+    rows = [draw(st.lists(st.sampled_from(tok_ids + [0, 1, 2]), min_size=n, max_size=n)) for n in lengths]
+    return rows
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(rows=batches("mbart"), label_lengths=row_lengths, side=st.sampled_from(["right", "left"]),
+       multiple=st.sampled_from([None, 2, 8]), padding=padding_choice,
+       model=st.sampled_from([None, "bart", "mbart", "t5"]), seed=st.integers(0, 2**16))
+def test_property_seq2seq(rows, label_lengths, side, multiple, padding, model, seed):
+    rng = random.Random(seed)
+    tok = make_tokenizer("mbart", padding_side=side)
+    feats = []
+    for i, r in enumerate(rows):
+        n = label_lengths[i % len(label_lengths)]
+        feats.append({"input_ids": r, "labels": [rng.choice([5, 6, 7, -100, 1, 98]) for _ in range(n)]})
+    compare("seq2seq", feats, tok, model=make_model(model) if model else None, padding=padding[0],
+            max_length=padding[1], pad_to_multiple_of=multiple)
+
+
+@SETTINGS
+@given(rows=batches("bert"), side=st.sampled_from(["right", "left"]), multiple=st.sampled_from([None, 3]),
+       padding=padding_choice, kind=st.sampled_from(["padding", "token", "lm"]),
+       return_tensors=st.sampled_from(["pt", "np"]), seed=st.integers(0, 2**16))
+def test_property_padding_token_lm(rows, side, multiple, padding, kind, return_tensors, seed):
+    rng = random.Random(seed)
+    tok = make_tokenizer("bert", padding_side=side)
+    feats = [{"input_ids": r, "token_type_ids": [rng.randint(0, 1) for _ in r]} for r in rows]
+    if kind == "token":
+        feats = [dict(f, labels=[rng.randint(0, 5) for _ in f["input_ids"]]) for f in feats]
+    if kind == "lm":
+        compare("lm", feats, tok, mlm=False, pad_to_multiple_of=multiple, return_tensors=return_tensors)
+        compare("lm", rows, tok, mlm=False, pad_to_multiple_of=multiple, return_tensors=return_tensors)
+    else:
+        compare(kind, feats, tok, padding=padding[0], max_length=padding[1], pad_to_multiple_of=multiple,
+                return_tensors=return_tensors)
+
+
+def test_batch_encoding_and_tensor_types():
+    """Outputs are BatchEncoding objects whose .to() works, like transformers' (assert_same_batch checks types)."""
+    tok = make_tokenizer("t5")
+    out = pyseqpack.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}])
+    assert isinstance(out, transformers.BatchEncoding)
+    assert out.to("cpu")["input_ids"].tolist() == [[5, 6]]
+    assert_same_batch(out, transformers.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}]))
