@@ -51,7 +51,8 @@ constexpr int kMaxThreads = 256;
 // gridDim.y (column tiles) is limited to 65535 by the hardware.
 constexpr int64_t kMaxTiles = 65535;
 
-// Kernel arguments, passed by value in the parameter block.
+// Kernel arguments, passed by value in the parameter block. Pointers are untyped: the kernel's template
+// parameters give the token type T and output type O, the *_code fields the other buffers' types.
 //   plan             [B, kPlanStride] int64
 //   tok, n_tok       [n_tok] T
 //   mask, mask_code  [n_tok] uint8 / int32 / int64 loss masks, or nullptr
@@ -59,24 +60,23 @@ constexpr int64_t kMaxTiles = 65535;
 //   out[i]           [B, L] or [B, Ll] O, nullptr when that output was not requested
 //   extras           [n_extras, n_tok] int32 / int64 (extras_code); extra_pads [n_extras] int64;
 //                    extras_out [n_extras, B, L] O
-template <typename O, typename T>
 struct Args {
   const int64_t* plan;
   int64_t B, L, Ll;
-  const T* tok;
+  const void* tok;
   int64_t n_tok;
   const void* mask;
-  int32_t mask_code;
-  int32_t kind;
+  int mask_code;
+  int kind;
   const void* lab;
   int64_t n_lab;
-  int32_t lab_code;
-  O* out[kNumOut];
+  int lab_code;
+  void* out[kNumOut];
   const void* extras;
-  int32_t extras_code;
   int64_t n_extras;
+  int extras_code;
   const int64_t* extra_pads;
-  O* extras_out;
+  void* extras_out;
   int64_t pad, label_pad, decoder_start;
 };
 
@@ -91,22 +91,27 @@ __device__ __forceinline__ const P* row_ptr(const void* base, int64_t src) {
   return base != nullptr ? static_cast<const P*>(base) + src : nullptr;
 }
 
+// out[o] = v, in the output type O.
+template <typename O>
+__device__ __forceinline__ void put(void* out, int64_t o, int64_t v) {
+  static_cast<O*>(out)[o] = static_cast<O>(v);
+}
+
 // Column j of the [B, Ll] outputs (flat index o), for one combination of mask and label types.
 template <typename O, typename T, typename M, typename Lab>
-__device__ __forceinline__ void label_columns(const Args<O, T>& a, const psm::Row& r, int64_t j, int64_t o,
-                                              const T* tok, const M* mask, const Lab* lab) {
-  if (a.out[kLabels] != nullptr)
-    a.out[kLabels][o] = static_cast<O>(psm::label(j, r, a.kind, tok, mask, lab, a.label_pad));
+__device__ __forceinline__ void label_columns(const Args& a, const psm::Row& r, int64_t j, int64_t o, const T* tok,
+                                              const M* mask, const Lab* lab) {
+  if (a.out[kLabels] != nullptr) put<O>(a.out[kLabels], o, psm::label(j, r, a.kind, tok, mask, lab, a.label_pad));
   if (a.out[kShift] != nullptr)
-    a.out[kShift][o] = static_cast<O>(psm::shift_label(j, a.Ll, r, a.kind, tok, mask, lab, a.label_pad));
+    put<O>(a.out[kShift], o, psm::shift_label(j, a.Ll, r, a.kind, tok, mask, lab, a.label_pad));
   if (a.out[kDecoder] != nullptr)
-    a.out[kDecoder][o] =
-        static_cast<O>(psm::decoder_input_id(j, r, a.kind, tok, mask, lab, a.label_pad, a.decoder_start, a.pad));
+    put<O>(a.out[kDecoder], o,
+           psm::decoder_input_id(j, r, a.kind, tok, mask, lab, a.label_pad, a.decoder_start, a.pad));
 }
 
 // Grid (B, ceil(W / blockDim.x)), W the widest requested output; blockDim.x >= kPlanStride.
 template <typename O, typename T>
-__global__ void __launch_bounds__(kMaxThreads) psm_kernel(const Args<O, T> a) {
+__global__ void __launch_bounds__(kMaxThreads) psm_kernel(const Args a) {
   __shared__ int64_t plan_row[psm::kPlanStride];
   const int64_t b = blockIdx.x;
   if (threadIdx.x < psm::kPlanStride) plan_row[threadIdx.x] = a.plan[b * psm::kPlanStride + threadIdx.x];
@@ -117,20 +122,20 @@ __global__ void __launch_bounds__(kMaxThreads) psm_kernel(const Args<O, T> a) {
   if (a.kind == psm::kGivenLabels && !window_inside(r.lab_src, r.lab_kept, a.n_lab)) r.lab_src = r.lab_kept = 0;
 
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  const T* tok = a.tok + r.tok_src;  // element k: the row's k-th kept token
+  const T* tok = row_ptr<T>(a.tok, r.tok_src);  // element k: the row's k-th kept token
 
   if (j < a.L) {
     const int64_t o = b * a.L + j;
-    if (a.out[kIds] != nullptr) a.out[kIds][o] = static_cast<O>(psm::input_id(j, r, tok, a.pad));
-    if (a.out[kAttn] != nullptr) a.out[kAttn][o] = static_cast<O>(psm::attention(j, r));
-    if (a.out[kPos] != nullptr) a.out[kPos][o] = static_cast<O>(psm::position_id(j, r));
-    if (a.out[kLoss] != nullptr) a.out[kLoss][o] = static_cast<O>(psm::loss_mask(j, r));
+    if (a.out[kIds] != nullptr) put<O>(a.out[kIds], o, psm::input_id(j, r, tok, a.pad));
+    if (a.out[kAttn] != nullptr) put<O>(a.out[kAttn], o, psm::attention(j, r));
+    if (a.out[kPos] != nullptr) put<O>(a.out[kPos], o, psm::position_id(j, r));
+    if (a.out[kLoss] != nullptr) put<O>(a.out[kLoss], o, psm::loss_mask(j, r));
     for (int64_t e = 0; e < a.n_extras; ++e) {
       const int64_t src = e * a.n_tok + r.tok_src;  // row e of the [E, T] extras
       const int64_t pad = a.extra_pads[e];
       const int64_t v = a.extras_code == kInt32 ? psm::extra(j, r, row_ptr<int32_t>(a.extras, src), pad)
                                                 : psm::extra(j, r, row_ptr<int64_t>(a.extras, src), pad);
-      a.extras_out[(e * a.B + b) * a.L + j] = static_cast<O>(v);
+      put<O>(a.extras_out, (e * a.B + b) * a.L + j, v);
     }
   }
   if (j < a.Ll && (a.out[kLabels] != nullptr || a.out[kShift] != nullptr || a.out[kDecoder] != nullptr)) {
@@ -139,72 +144,29 @@ __global__ void __launch_bounds__(kMaxThreads) psm_kernel(const Args<O, T> a) {
     if (a.kind == psm::kGivenLabels) {  // no mask: pad_shift_mask.h reads it for derived labels only
       const uint8_t* no_mask = nullptr;
       if (a.lab_code == kInt32)
-        label_columns(a, r, j, o, tok, no_mask, row_ptr<int32_t>(a.lab, r.lab_src));
+        label_columns<O>(a, r, j, o, tok, no_mask, row_ptr<int32_t>(a.lab, r.lab_src));
       else
-        label_columns(a, r, j, o, tok, no_mask, row_ptr<int64_t>(a.lab, r.lab_src));
+        label_columns<O>(a, r, j, o, tok, no_mask, row_ptr<int64_t>(a.lab, r.lab_src));
     } else if (a.mask_code == kUInt8) {
-      label_columns(a, r, j, o, tok, row_ptr<uint8_t>(a.mask, r.tok_src), no_lab);
+      label_columns<O>(a, r, j, o, tok, row_ptr<uint8_t>(a.mask, r.tok_src), no_lab);
     } else if (a.mask_code == kInt32) {
-      label_columns(a, r, j, o, tok, row_ptr<int32_t>(a.mask, r.tok_src), no_lab);
+      label_columns<O>(a, r, j, o, tok, row_ptr<int32_t>(a.mask, r.tok_src), no_lab);
     } else {
-      label_columns(a, r, j, o, tok, row_ptr<int64_t>(a.mask, r.tok_src), no_lab);
+      label_columns<O>(a, r, j, o, tok, row_ptr<int64_t>(a.mask, r.tok_src), no_lab);
     }
   }
 }
 
-// The C entry point's arguments (see pyseqpack_psm_fill), with the token and output types still erased.
-struct Problem {
-  const int64_t* plan;
-  int64_t B, L, Ll;
-  const void* tok;
-  int64_t n_tok;
-  const void* mask;
-  int mask_code;
-  int kind;
-  const void* lab;
-  int64_t n_lab;
-  int lab_code;
-  void* const* outs;
-  const void* extras;
-  int64_t n_extras;
-  int extras_code;
-  const int64_t* extra_pads;
-  void* extras_out;
-  int64_t pad, label_pad, decoder_start;
-};
-
+// Enqueues the kernel for token type T and output type O; no launch when no output is requested.
 template <typename O, typename T>
-cudaError_t launch(const Problem& p, cudaStream_t stream) {
-  Args<O, T> a{};
-  a.plan = p.plan;
-  a.B = p.B;
-  a.L = p.L;
-  a.Ll = p.Ll;
-  a.tok = static_cast<const T*>(p.tok);
-  a.n_tok = p.n_tok;
-  a.mask = p.mask;
-  a.mask_code = p.mask_code;
-  a.kind = p.kind;
-  a.lab = p.lab;
-  a.n_lab = p.n_lab;
-  a.lab_code = p.lab_code;
-  for (int i = 0; i < kNumOut; ++i) a.out[i] = static_cast<O*>(p.outs[i]);
-  a.extras = p.extras;
-  a.extras_code = p.extras_code;
-  a.n_extras = p.n_extras;
-  a.extra_pads = p.extra_pads;
-  a.extras_out = static_cast<O*>(p.extras_out);
-  a.pad = p.pad;
-  a.label_pad = p.label_pad;
-  a.decoder_start = p.decoder_start;
-
+cudaError_t launch(const Args& a, cudaStream_t stream) {
   // The widest requested output sets the grid; threads past a narrower output's width skip it.
-  const bool narrow = p.n_extras > 0 || a.out[kIds] || a.out[kAttn] || a.out[kPos] || a.out[kLoss];
+  const bool narrow = a.n_extras > 0 || a.out[kIds] || a.out[kAttn] || a.out[kPos] || a.out[kLoss];
   const bool wide = a.out[kLabels] || a.out[kShift] || a.out[kDecoder];
-  const int64_t width = std::max(narrow ? p.L : 0, wide ? p.Ll : 0);
+  const int64_t width = std::max(narrow ? a.L : 0, wide ? a.Ll : 0);
   if (width == 0) return cudaSuccess;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (width + 31) / 32 * 32));
-  const dim3 grid(static_cast<unsigned>(p.B), static_cast<unsigned>((width + threads - 1) / threads));
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>((width + threads - 1) / threads));
   psm_kernel<O, T><<<grid, threads, 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -254,12 +216,30 @@ PYSEQPACK_API int pyseqpack_psm_fill(const int64_t* plan, int64_t B, int64_t L, 
                         (L > 0 && extras_out == nullptr))))
     return cudaErrorInvalidValue;
 
-  const Problem p{plan,       B,          L,        Ll,         tokens,       n_tokens,    loss_masks,
-                  mask_code,  labels_kind, labels,  n_labels,   labels_code,  outs,        extras,
-                  n_extras,   extras_code, extra_pads, extras_out, pad_token_id, label_pad_token_id,
-                  decoder_start_token_id};
+  Args a{};
+  a.plan = plan;
+  a.B = B;
+  a.L = L;
+  a.Ll = Ll;
+  a.tok = tokens;
+  a.n_tok = n_tokens;
+  a.mask = loss_masks;
+  a.mask_code = mask_code;
+  a.kind = labels_kind;
+  a.lab = labels;
+  a.n_lab = n_labels;
+  a.lab_code = labels_code;
+  for (int i = 0; i < kNumOut; ++i) a.out[i] = outs[i];
+  a.extras = extras;
+  a.n_extras = n_extras;
+  a.extras_code = extras_code;
+  a.extra_pads = extra_pads;
+  a.extras_out = extras_out;
+  a.pad = pad_token_id;
+  a.label_pad = label_pad_token_id;
+  a.decoder_start = decoder_start_token_id;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (out_code == kInt32)
-    return tokens_code == kInt32 ? launch<int32_t, int32_t>(p, s) : launch<int32_t, int64_t>(p, s);
-  return tokens_code == kInt32 ? launch<int64_t, int32_t>(p, s) : launch<int64_t, int64_t>(p, s);
+    return tokens_code == kInt32 ? launch<int32_t, int32_t>(a, s) : launch<int32_t, int64_t>(a, s);
+  return tokens_code == kInt32 ? launch<int64_t, int32_t>(a, s) : launch<int64_t, int64_t>(a, s);
 }

@@ -247,8 +247,6 @@ inline bool compact_long(PyObject* o, long long* v) {
   return true;
 }
 
-// Python objects -> int64 (GIL held). Python ints (bool included) take the fast path; other objects with
-// __index__ (numpy integer scalars) go through PyNumber_Index; anything else (float, str, None) fails.
 // repr(o) for an error message (GIL held).
 std::string repr(PyObject* o) {
   PyObject* r = PyObject_Repr(o);
@@ -301,49 +299,39 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
   return true;
 }
 
-// Returns a pointer to example b's values [start, start + count) as int64 (row-relative: element k is the
-// k-th kept value), either in place or staged in `scratch`; nullptr after recording a failure.
-const int64_t* stage(const Field& f, int64_t b, int64_t start, int64_t count, std::vector<int64_t>& scratch,
-                     Failure* fl) {
+// Points *out at example b's values [start, start + count) as int64 (row-relative: element k is the k-th kept
+// value), either in place or staged in `scratch`. Returns false after recording a failure.
+bool stage(const Field& f, int64_t b, int64_t start, int64_t count, std::vector<int64_t>& scratch,
+           const int64_t** out, Failure* fl) {
   const RowSource& s = f.flat ? f.rows[0] : f.rows[b];
   const int64_t base = f.flat ? f.bases[b] : 0;
-  if (start < 0 || count < 0 || start + count > s.len) {
-    fail(fl, Fault::kChanged, f, b, start - base, 0);
-    return nullptr;
-  }
+  if (start < 0 || count < 0 || start + count > s.len) return fail(fl, Fault::kChanged, f, b, start - base, 0);
   if (s.seq == nullptr && s.elem == Elem::kI64 && s.stride == 8 &&
       reinterpret_cast<uintptr_t>(s.data) % alignof(int64_t) == 0) {
     const int64_t* p = reinterpret_cast<const int64_t*>(s.data) + start;
     if (f.lo != INT64_MIN || f.hi != INT64_MAX) {
-      for (int64_t k = 0; k < count; ++k) {
-        if (!in_range(f, p[k])) {
-          fail(fl, Fault::kRange, f, b, start - base + k, p[k]);
-          return nullptr;
-        }
-      }
+      for (int64_t k = 0; k < count; ++k)
+        if (!in_range(f, p[k])) return fail(fl, Fault::kRange, f, b, start - base + k, p[k]);
     }
-    return p;
+    *out = p;
+    return true;
   }
   if (static_cast<int64_t>(scratch.size()) < count) scratch.resize(static_cast<size_t>(count));
-  int64_t* dst = scratch.data();
-  bool ok;
-  if (s.seq != nullptr) {
-    ok = read_sequence(s, f, b, start, count, dst, fl);
-  } else {
-    switch (s.elem) {
-      case Elem::kBool:
-      case Elem::kU8: ok = read_buffer<uint8_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kI8: ok = read_buffer<int8_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kI16: ok = read_buffer<int16_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kU16: ok = read_buffer<uint16_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kI32: ok = read_buffer<int32_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kU32: ok = read_buffer<uint32_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kI64: ok = read_buffer<int64_t>(s, f, b, start, count, base, dst, fl); break;
-      case Elem::kU64: ok = read_buffer<uint64_t>(s, f, b, start, count, base, dst, fl); break;
-      default: ok = false;
-    }
+  int64_t* dst = scratch.data();  // may be nullptr when count == 0: then it is never dereferenced
+  *out = dst;
+  if (s.seq != nullptr) return read_sequence(s, f, b, start, count, dst, fl);
+  switch (s.elem) {
+    case Elem::kBool:
+    case Elem::kU8: return read_buffer<uint8_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI8: return read_buffer<int8_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI16: return read_buffer<int16_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU16: return read_buffer<uint16_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI32: return read_buffer<int32_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU32: return read_buffer<uint32_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI64: return read_buffer<int64_t>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU64: return read_buffer<uint64_t>(s, f, b, start, count, base, dst, fl);
   }
-  return ok ? dst : nullptr;
+  return false;
 }
 
 void raise_failure(const Failure& fl) {
@@ -446,7 +434,7 @@ struct Scratch {
 
 struct Problem {
   const int64_t* plan = nullptr;
-  int64_t B = 0, L = 0, Ll = 0;
+  int64_t L = 0, Ll = 0;
   int32_t kind = psm::kNoLabels;
   Field tok, lab, mask;
   std::vector<Field> extras;
@@ -468,20 +456,18 @@ struct Problem {
   bool row(int64_t b, Scratch& s, Failure* fl) const {
     RowJob job{psm::load_row(plan, b), nullptr, nullptr, nullptr, L, Ll, pad, label_pad, decoder_start, kind, {}};
     const psm::Row& r = job.r;
-    if ((job.tok = stage(tok, b, r.tok_src, r.tok_kept, s.tok, fl)) == nullptr) return false;
-    if (kind == psm::kDerivedLabels && has_mask &&
-        (job.mask = stage(mask, b, r.tok_src, r.tok_kept, s.mask, fl)) == nullptr)
+    if (!stage(tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
+    if (kind == psm::kDerivedLabels && has_mask && !stage(mask, b, r.tok_src, r.tok_kept, s.mask, &job.mask, fl))
       return false;
-    if (kind == psm::kGivenLabels && (job.lab = stage(lab, b, r.lab_src, r.lab_kept, s.lab, fl)) == nullptr)
-      return false;
+    if (kind == psm::kGivenLabels && !stage(lab, b, r.lab_src, r.lab_kept, s.lab, &job.lab, fl)) return false;
     for (int i = 0; i < kNumOut; ++i) {
       const int64_t width = (i == kLabels || i == kShift || i == kDecoder) ? Ll : L;
       job.out[i] = out[i] ? static_cast<char*>(out[i]) + b * width * itemsize : nullptr;
     }
     (itemsize == 4 ? write_outputs_i32 : write_outputs_i64)(job);
     for (size_t e = 0; e < extras.size(); ++e) {
-      const int64_t* x = stage(extras[e], b, r.tok_src, r.tok_kept, s.extra, fl);
-      if (x == nullptr) return false;
+      const int64_t* x = nullptr;
+      if (!stage(extras[e], b, r.tok_src, r.tok_kept, s.extra, &x, fl)) return false;
       void* o = static_cast<char*>(extra_out[e]) + b * L * itemsize;
       (itemsize == 4 ? write_extra_i32 : write_extra_i64)(r, x, extra_pads[e], L, o);
     }
@@ -554,8 +540,11 @@ void set_range(Field& f, int64_t itemsize, bool is_mask) {
 int64_t choose_threads(int64_t requested, int64_t B, int64_t work) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, B));
   // A std::thread costs tens of microseconds: only worth it past ~a quarter million output elements each.
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return std::max<int64_t>(1, std::min({hw, B, work / (int64_t{1} << 18)}));
+  const int64_t per_thread = int64_t{1} << 18;
+  if (work < 2 * per_thread) return 1;
+  // hardware_concurrency() is a syscall (several microseconds): ask once.
+  static const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return std::max<int64_t>(1, std::min({hw, B, work / per_thread}));
 }
 
 }  // namespace
@@ -643,7 +632,6 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_ValueError, "pyseqpack._C.psm_fill: out_itemsize must be 4 or 8");
     return nullptr;
   }
-  p.B = B;
   p.kind = static_cast<int32_t>(kind);
   p.itemsize = itemsize;
 
@@ -762,13 +750,14 @@ PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   int64_t pos = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t* row = plan + b * psm::kPlanStride;
-    const int64_t* v = stage(f, b, row[src_col], row[kept_col], scratch, &fl);
-    if (v == nullptr) {
+    const int64_t* v = nullptr;
+    if (!stage(f, b, row[src_col], row[kept_col], scratch, &v, &fl)) {
       raise_failure(fl);
       return nullptr;
     }
     if (itemsize == 8) {
-      std::memcpy(static_cast<int64_t*>(out) + pos, v, static_cast<size_t>(row[kept_col]) * sizeof(int64_t));
+      if (row[kept_col] > 0)
+        std::memcpy(static_cast<int64_t*>(out) + pos, v, static_cast<size_t>(row[kept_col]) * sizeof(int64_t));
     } else {
       int32_t* o = static_cast<int32_t*>(out) + pos;
       for (int64_t k = 0; k < row[kept_col]; ++k) o[k] = static_cast<int32_t>(v[k]);

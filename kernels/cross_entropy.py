@@ -15,8 +15,10 @@ This kernel does, per row, in one program:
                            grows; the argmax rides along (first index of each chunk's max, kept only when a later
                            chunk's max is strictly larger -> ties go to the first index, as torch.argmax);
                            sum(x) too when label smoothing needs mean(x). lse = m + log(s).
-  sweep 2 (read x again,   p = exp(x - lse) and the gradient, written in the logits' dtype. On a GPU the row
-   write grad once):       (300 KB in bf16 at V = 151936) was just read, so most of this re-read hits L2.
+  sweep 2 (read x again,   p = exp(x - lse) and the gradient, written in the logits' dtype, walking the row
+   write grad once):       backwards: on a GPU the row (300 KB in bf16 at V = 151936) was just read, so this
+                           re-read hits L2 as long as the rows in flight fit there (see fwd_bwd_config), and the
+                           chunks read last are the first re-read.
 
 DRAM traffic per row ~ one read of V elements + one write of V elements (+ a few scalars), against >= 4 reads,
 >= 2 writes and an fp32 copy for the unfused path. Reading the row only once would need the whole row in
@@ -155,8 +157,10 @@ def _ce_fwd_bwd_kernel(
                 p_coef = scale * (1.0 + 2.0 * z_loss * lse)
             hot = scale * (1.0 - label_smoothing)  # label_smoothing is 0.0 unless HAS_SMOOTHING
             flat = scale * label_smoothing / V
-            for start in range(0, V, BLOCK):
-                cols = start + cols0
+            # last chunk first: those are the columns sweep 1 read most recently, the likeliest still in L2
+            n_chunks = tl.cdiv(V, BLOCK)
+            for k in range(0, n_chunks):
+                cols = (n_chunks - 1 - k) * BLOCK + cols0
                 mask = cols < V
                 x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
@@ -197,14 +201,19 @@ def _scale_grad_kernel(grad_ptr, stride_grad, factor_ptr, stride_factor, V, BLOC
 
 
 def fwd_bwd_config(V: int) -> tuple:
-    """(BLOCK, num_warps) for a row of V classes: 16 columns per thread, chunks of at most 8192 columns.
+    """(BLOCK, num_warps) for a row of V classes: chunks of at most 8192 columns, 16 columns per thread.
 
-    16 fp32 values per thread is the most that stays in registers with every option on: ptxas for sm_90
-    reports no spills at (8192, 16 warps) and (4096, 8), ~100 registers a thread, while 32 columns per thread
-    ((32768, 32) as Liger uses, or (16384, 16)) spill hundreds of bytes to local memory, which would turn a
-    bandwidth-bound kernel into a local-memory-bound one. At 16 bf16 columns per thread each sweep issues two
-    16-byte loads per thread per chunk. One program per row; small V gets a single chunk and fewer warps.
-    To be re-measured on the GPU (bench/).
+    ptxas for sm_90 (Triton 3.9, all options off / on), registers per thread and stack bytes:
+        BLOCK 32768, 32 warps (Liger's setting):  64 regs, 270-450 B stack (spills)
+        BLOCK 16384, 16 warps:                   128 regs,  32-48 B stack (spills)
+        BLOCK  8192, 16 warps:                    83-116 regs, no stack
+        BLOCK  4096,  8 warps:                    80-110 regs, no stack
+    16 columns per thread is the most that stays in registers. Between the two spill-free settings the L2
+    decides: sweep 2 re-reads the row sweep 1 just read, and that re-read is only cheap while every row in
+    flight stays in L2 (50 MB on H100). (8192, 16) uses 512 threads x ~100 registers, so one program per SM:
+    132 rows x 300 KB (bf16, V = 151936) = 40 MB in flight, which fits; (4096, 8) would fit two per SM and
+    double that. Each thread issues two 16-byte bf16 loads per chunk. Smaller V: one chunk covering the row,
+    fewer warps. To be re-measured on the GPU (bench/).
     """
     block = min(8192, triton.next_power_of_2(max(int(V), 16)))
     return block, max(4, min(16, block // 512))

@@ -1,13 +1,19 @@
 """pyseqpack: fused pad-shift-mask collation and fused cross-entropy for PyTorch training.
 
-Public names are imported lazily, so ``import pyseqpack`` stays cheap (no transformers, no triton, no
-native code until an op is first used).
+``import pyseqpack`` imports torch and the two ops, nothing else: the collators, nn modules and
+integrations are imported lazily on first use, and no transformers, triton or native code is loaded until
+an op needs it.
 """
 from __future__ import annotations
 
 import importlib
 
 __version__ = "0.1.0"
+
+# The ops share their module's name (pyseqpack/pad_shift_mask.py defines pad_shift_mask, ...). Importing a
+# submodule binds its name on the package, so these are imported eagerly: the function, bound last, wins.
+from .cross_entropy import CrossEntropyOutput, cross_entropy, fused_cross_entropy  # noqa: E402
+from .pad_shift_mask import pad_shift_mask  # noqa: E402
 
 # public name -> submodule that defines it
 _EXPORTS = {

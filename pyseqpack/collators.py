@@ -18,11 +18,13 @@ transformers' own BatchEncoding conversion: fixed-length ints become int64, floa
 fields raise ValueError under "pt").
 
 Deliberate differences, all on input transformers mishandles:
-  * token ids that are not integers (a float anywhere, not only first) raise instead of producing a float
-    `input_ids` tensor; lists of numpy integers are accepted (transformers raises ValueError on them);
+  * token ids that are not integers raise wherever they are (transformers type-checks only the first token,
+    raising ValueError as we do, and otherwise returns a float `input_ids` tensor);
   * rows that cannot be stacked raise ValueError under return_tensors="np" as well (transformers returns
-    object arrays there);
-  * return_tensors other than "pt" / "np" raise ValueError up front.
+    object arrays there), and under padding=False also when the first row is empty (torch.tensor quietly
+    turns [[], [5]] into an empty (2, 0) tensor);
+  * return_tensors other than "pt" / "np" raise ValueError up front;
+  * per-example 2-D attention masks (which tokenizer.pad stacks as they are) are not supported.
 
 DataCollatorForSFT is pyseqpack's own collator for causal-LM supervised fine-tuning (see its docstring).
 """
@@ -379,32 +381,43 @@ def _decoder_rule(model) -> str:
     return _SHIFT_WRAP.get(family, "call")
 
 
+# The post-processing below works on numpy views of the op's CPU tensors (shared memory): for [32, 512] int64
+# tensors an elementwise numpy op costs a few us, a torch op several times more (dispatch overhead).
+
+
 def _shift_start(labels: torch.Tensor, start: int, pad: int) -> torch.Tensor:
     """T5 / BART / Marian / Pegasus: out[:, 0] = start, out[:, j] = labels[:, j - 1], then every -100 (the
     literal value, whatever label_pad_token_id is, as the models do) becomes pad."""
-    out = labels.new_zeros(labels.shape)
-    out[:, 1:] = labels[:, :-1]
-    out[:, 0] = start
-    return out.masked_fill_(out == -100, pad)
+    out = torch.empty_like(labels)
+    o = out.numpy()
+    o[:, 1:] = labels.numpy()[:, :-1]
+    o[:, 0] = start  # IndexError on empty labels, as in transformers
+    np.putmask(o, o == -100, pad)
+    return out
 
 
-def _shift_wrap(labels: torch.Tensor, pad: int, rewrite_labels: bool, model_name: str) -> torch.Tensor:
-    """mBART / PLBart / FSMT: -100 -> pad, then position 0 takes the row's language id (the token at index
-    "number of non-pad tokens - 1", the last one under right padding; under left padding the models pick a
-    wrong token, and so does this), the rest shifts right by one. FSMT rewrites -100 -> pad in `labels`
-    itself (rewrite_labels=True), so the collator's labels come back without -100."""
-    filled = labels.masked_fill_(labels == -100, pad) if rewrite_labels else labels.masked_fill(labels == -100, pad)
-    last = filled.ne(pad).sum(1) - 1
-    if bool((last < 0).any()):  # CPU tensors: this check costs no device sync
-        i = int((last < 0).nonzero()[0, 0])
+def _wrap_first_column(shifted: torch.Tensor, labels: torch.Tensor, pad: int, model_name: str) -> torch.Tensor:
+    """mBART / PLBart / FSMT: the labels with -100 -> pad ("filled"), shifted right by one, and in column 0
+    the row's language id: filled[b, n_b - 1] where n_b counts the non-pad values of filled row b (the last
+    token under right padding; under left padding the models pick a wrong token, and so does this).
+
+    `shifted` is the start-token shift with start = pad: column 0 is pad, columns 1.. are filled[:, :-1]. So
+    one count over `shifted` (column 0 adds nothing) plus filled's last column (the only one not in
+    `shifted`) gives n_b without materializing filled; column 0 is then overwritten in place.
+    """
+    s, lab = shifted.numpy(), labels.numpy()
+    width = lab.shape[1]
+    tail = np.where(lab[:, -1] == -100, pad, lab[:, -1])  # filled[:, -1]
+    last = (s != pad).sum(1) + (tail != pad) - 1
+    if (last < 0).any():
+        i = int(np.flatnonzero(last < 0)[0])
         raise RuntimeError(
             f"labels of example {i} have no token other than padding / -100: {model_name} takes the decoder "
             "start token from the last non-pad label (index -1 is out of bounds, as in transformers)"
         )
-    out = torch.empty_like(filled)
-    out[:, 1:] = filled[:, :-1]
-    out[:, 0] = filled.gather(1, last[:, None])[:, 0]
-    return out
+    inside = s[np.arange(len(s)), np.minimum(last + 1, width - 1)]  # filled[b, last] when last < width - 1
+    s[:, 0] = np.where(last == width - 1, tail, inside)
+    return shifted
 
 
 # ---- drop-ins ---------------------------------------------------------------------------------------------
@@ -496,24 +509,25 @@ class DataCollatorForSeq2Seq:
 
         rule = self._model_rule()
         fused_start = None
-        if rule == "start" and return_tensors == "pt" and label_width > 0:
-            # The op's shift writes the tokenizer's pad id where the model writes its config's: fuse it only
-            # when they agree (a None start is left to the model's own error, from the unfused path).
+        if rule in ("start", "wrap", "wrap_in_place") and return_tensors == "pt" and label_width > 0:
+            # The op's fused shift writes the tokenizer's pad id where the model writes its config's: fuse it
+            # only when they agree. Start rule: the model's start token (None is left to the model's own
+            # error, from the unfused path); wrap rules: a placeholder, column 0 is rewritten afterwards.
             config = self.model.config
             if batch.pad_token_id is not None and config.pad_token_id == batch.pad_token_id:
-                fused_start = config.decoder_start_token_id
+                fused_start = config.decoder_start_token_id if rule == "start" else config.pad_token_id
         out = batch.run(labels, label_width, label_lengths, self.label_pad_token_id, self.pad_to_multiple_of,
                         fused_start)
         data = batch.assemble(out, return_tensors)
         data["labels"] = out["labels"].numpy() if return_tensors == "np" else out["labels"]
         if rule is not None:
-            decoder = out.get("decoder_input_ids")
-            data["decoder_input_ids"] = decoder if decoder is not None else self._decoder_input_ids(
-                rule, data["labels"], return_tensors
+            data["decoder_input_ids"] = self._decoder_input_ids(
+                rule, data["labels"], out.get("decoder_input_ids"), return_tensors
             )
         return _batch_encoding(data)
 
-    def _decoder_input_ids(self, rule, labels, return_tensors):
+    def _decoder_input_ids(self, rule, labels, shifted, return_tensors):
+        """decoder_input_ids from the padded labels; `shifted` is the op's fused start-token shift, or None."""
         model = self.model
         if rule == "call":
             return model.prepare_decoder_input_ids_from_labels(labels=labels)
@@ -524,11 +538,26 @@ class DataCollatorForSeq2Seq:
                 "use return_tensors='pt', or model=None for no decoder_input_ids"
             )
         config = model.config
-        if config.pad_token_id is None or (rule == "start" and config.decoder_start_token_id is None):
-            return model.prepare_decoder_input_ids_from_labels(labels=labels)  # raises the model's own error
+        pad = config.pad_token_id
         if rule == "start":
-            return _shift_start(labels, config.decoder_start_token_id, config.pad_token_id)
-        return _shift_wrap(labels, config.pad_token_id, rule == "wrap_in_place", type(model).__name__)
+            if shifted is not None:
+                return shifted
+            if config.decoder_start_token_id is None or pad is None:
+                return model.prepare_decoder_input_ids_from_labels(labels=labels)  # raises the model's own error
+            return _shift_start(labels, config.decoder_start_token_id, pad)
+        if pad is None:
+            return model.prepare_decoder_input_ids_from_labels(labels=labels)  # raises the model's own error
+        if labels.shape[1] == 0:
+            raise RuntimeError(
+                f"every label row is empty: {type(model).__name__} takes the decoder start token from the last "
+                "non-pad label (index -1 is out of bounds, as in transformers)"
+            )
+        decoder = _wrap_first_column(shifted if shifted is not None else _shift_start(labels, pad, pad), labels,
+                                     pad, type(model).__name__)
+        if rule == "wrap_in_place":  # FSMT's shift rewrites -100 -> pad in the labels tensor it is given
+            lab = labels.numpy()
+            np.putmask(lab, lab == -100, pad)
+        return decoder
 
 
 @dataclass
@@ -570,8 +599,9 @@ class DataCollatorForLanguageModeling:
     DataCollatorForSFT to mask by position). Dict examples give a BatchEncoding padded like tokenizer.pad
     (special_tokens_mask and offset_mapping dropped, user "labels" overwritten); bare sequences give a plain
     dict with input_ids and labels only, in the dtype of the first row when it is a tensor (numpy array under
-    return_tensors="np"), and equal-length rows need no pad token. mlm=True (random masking) is delegated to
-    transformers' own class, which also validates the arguments.
+    return_tensors="np"), and equal-length rows need no pad token (an empty row under left padding is padded
+    here; transformers raises there, its `result[i, -0:]` slice being the whole row). mlm=True (random
+    masking) is delegated to transformers' own class, which also validates the arguments.
     """
 
     tokenizer: Any
@@ -612,20 +642,24 @@ class DataCollatorForLanguageModeling:
         cols.pop("special_tokens_mask", None)  # transformers pads it, then drops it
         batch = _Batch(self.tokenizer, cols, True, None, self.pad_to_multiple_of)
         out = batch.run(labels="input_ids")
-        labels = out["labels"].masked_fill_(out["input_ids"] == batch.pad_token_id, -100)
+        labels = out["labels"]  # padding is already -100; now every token EQUAL to pad too (transformers' rule)
+        np.putmask(labels.numpy(), out["input_ids"].numpy() == batch.pad_token_id, -100)
         data = batch.assemble(out, return_tensors)
         data.pop("offset_mapping", None)
         data["labels"] = labels.numpy() if return_tensors == "np" else labels
         return _batch_encoding(data)
 
     def _call_rows(self, rows, return_tensors):
+        # transformers keeps the first row's dtype when it is a tensor, and under "np" also a numpy array's
         first = rows[0]
-        if return_tensors == "pt":
-            dtype = first.dtype if isinstance(first, torch.Tensor) else torch.int64
+        if isinstance(first, torch.Tensor):
+            dtype = first.dtype
+        elif isinstance(first, np.ndarray) and return_tensors == "np":
+            dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
         else:
-            dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype if isinstance(first, np.ndarray) else torch.int64
-        lengths = [len(r) for r in rows]
-        width = max(lengths)
+            dtype = torch.int64
+        lengths = list(map(len, rows))
+        longest = width = max(lengths)
         stacks = min(lengths) == width and (not self.pad_to_multiple_of or width % self.pad_to_multiple_of == 0)
         pad = None
         if not stacks:
@@ -641,16 +675,15 @@ class DataCollatorForLanguageModeling:
             rows,
             labels="input_ids",
             pad_token_id=pad,
-            padding=_MAX_LENGTH,
-            max_length=width,
             padding_side="right" if self.tokenizer.padding_side == "right" else "left",
             return_attention_mask=False,
             dtype=dtype if dtype in (torch.int32, torch.int64) else torch.int64,
+            **_geometry(width, longest),
         )
         input_ids, labels = out["input_ids"], out["labels"]
         pad = self.tokenizer.pad_token_id
         if pad is not None:
-            labels.masked_fill_(input_ids == pad, -100)
+            np.putmask(labels.numpy(), input_ids.numpy() == pad, -100)
         input_ids, labels = input_ids.to(dtype), labels.to(dtype)
         if return_tensors == "np":
             return {"input_ids": input_ids.numpy(), "labels": labels.numpy()}
@@ -789,12 +822,16 @@ class DataCollatorForSFT:
         )
         labels = out["labels"]
         if fold:
-            ignored = labels == self.label_pad_token_id  # padding, prompt, first mask
+            lab = labels.numpy()
+            ignored = lab == self.label_pad_token_id  # padding, prompt, first mask
             for k in masks[1:]:
-                _check_binary(out[k], k)
-                ignored |= out[k] == 0
-            base = out["given_labels"] if given else labels
-            labels = base.masked_fill(ignored, self.label_pad_token_id)
+                mask = out[k].numpy()
+                _check_binary(mask, k)
+                ignored |= mask == 0
+            if given:
+                labels = out["given_labels"]
+                lab = labels.numpy()
+            np.putmask(lab, ignored, self.label_pad_token_id)
         data = {"input_ids": out["input_ids"]}
         for key in ("attention_mask", "position_ids"):
             if key in out:
@@ -803,16 +840,18 @@ class DataCollatorForSFT:
         if self.return_shift_labels:
             shift = out.get("shift_labels")
             if shift is None:
-                shift = labels.new_full(labels.shape, self.label_pad_token_id)
-                shift[:, :-1] = labels[:, 1:]
+                shift = torch.empty_like(labels)
+                sh = shift.numpy()
+                sh[:, :-1] = labels.numpy()[:, 1:]
+                sh[:, -1:] = self.label_pad_token_id
             data["shift_labels"] = shift
         if return_tensors == "np":
             return {k: v.numpy() for k, v in data.items()}
         return data
 
 
-def _check_binary(mask: torch.Tensor, name: str) -> None:
+def _check_binary(mask: np.ndarray, name: str) -> None:
     bad = (mask != 0) & (mask != 1)
-    if bool(bad.any()):
-        b, t = (int(v) for v in bad.nonzero()[0])
+    if bad.any():
+        b, t = (int(v[0]) for v in np.nonzero(bad))
         raise ValueError(f"{name} of example {b}: expected 0 or 1 per token, got {int(mask[b, t])}")

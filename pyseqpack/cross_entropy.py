@@ -36,7 +36,9 @@ Backends, one ``torch.library`` op for all of them:
 The ops ``pyseqpack::cross_entropy_fwd_bwd`` (functional, with a registered autograd formula),
 ``pyseqpack::cross_entropy_fwd_bwd_inplace`` (writes the gradient into the logits) and
 ``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, so ``torch.compile(fullgraph=True)`` traces
-through ``fused_cross_entropy`` and ``cross_entropy`` without a graph break.
+through ``fused_cross_entropy`` and ``cross_entropy`` without a graph break. One cost of compiling: AOTAutograd
+functionalizes the backward graph, and since the saved gradient is a graph input there, inductor copies it once
+before our in-place scaling (one extra read + write of the gradient, in the same memory); eager mode has none.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ from torch import Tensor
 
 from . import _native
 
-__all__ = ["CrossEntropyOutput", "fused_cross_entropy", "cross_entropy", "TORCH_CHUNK_BYTES"]
+__all__ = ["CrossEntropyOutput", "fused_cross_entropy", "cross_entropy"]
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
@@ -61,8 +63,10 @@ _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "cuda", "triton", "torch")
 
 # The torch backend upcasts this many bytes of logits rows to fp32 at a time (its temporaries are a few times
-# that): bounded memory whatever N is, while each chunk stays large enough for torch's vectorized kernels.
-TORCH_CHUNK_BYTES = 32 << 20
+# that): bounded memory whatever N is. On CPU a chunk that stays in cache makes its several passes cheap; on a
+# GPU each pass is a launch, so chunks are larger.
+TORCH_CHUNK_BYTES_CPU = 2 << 20
+TORCH_CHUNK_BYTES = 128 << 20
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -93,33 +97,37 @@ def torch_fwd_bwd(
     logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap,
     class_weight=None,
 ):
-    """The row-kernel contract in plain torch, TORCH_CHUNK_BYTES of fp32 rows at a time.
+    """The row-kernel contract in plain torch, a chunk of rows at a time (``_chunk_rows``).
 
     Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd``, plus ``class_weight`` ([V] float, or None):
     torch's weighted formula, used by the ``cross_entropy`` drop-in when class weights meet label smoothing:
         loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
         d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
-    Reads each chunk of logits once (the fp32 copy is reused for the gradient), so it is safe with
-    ``grad is logits``: a chunk's gradient is written only after everything it needs was computed.
+    Each chunk is upcast once; its gradient is written only after everything it needs was computed, so
+    ``grad is logits`` is safe. Passes per chunk: max+argmax, exp, sum (and mean / x @ w with smoothing), then
+    normalize and scale in place, one write.
     """
     n, v = logits.shape
     eps, z = float(label_smoothing), float(z_loss)
     cap = float(softcap) if softcap is not None and softcap > 0 else None
-    rows = max(1, TORCH_CHUNK_BYTES // (4 * max(v, 1)))
+    rows = _chunk_rows(v, logits.device)
     w = w_sum = None
     if class_weight is not None:
         w = class_weight.to(torch.float32)
         w_sum = w.sum()
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        x = logits[r0:r1].float()
+        x = logits[r0:r1].float()  # for fp32 logits this aliases them: x is only read
         if cap is not None:
             t = torch.tanh(x / cap)
             x = t * cap
         y = labels[r0:r1].long()
         valid = (y != ignore_index) & (y >= 0) & (y < v)
         y0 = torch.where(valid, y, 0)
-        lse_c = torch.logsumexp(x, dim=-1)
+        m, arg = x.max(dim=-1)  # the first index of the max, as torch.argmax
+        e = torch.sub(x, m[:, None]).exp_()  # exp(x - max): in (0, 1], no overflow
+        total = e.sum(dim=-1)
+        lse_c = m + total.log()
         nll = lse_c - x.gather(1, y0[:, None])[:, 0]
         if w is None:
             row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - x.mean(-1))
@@ -130,23 +138,29 @@ def torch_fwd_bwd(
             row_loss = row_loss + z * lse_c * lse_c
         loss[r0:r1] = torch.where(valid, row_loss, 0.0)
         lse[r0:r1] = lse_c
-        correct[r0:r1] = (valid & (x.argmax(-1) == y)).to(torch.int32)
+        correct[r0:r1] = (valid & (arg == y)).to(torch.int32)
         if grad is None:
             continue
-        p = torch.exp(x - lse_c[:, None])
-        if w is None:
-            g = p * (1 + 2 * z * lse_c)[:, None]
-            if eps != 0:
-                g -= eps / v
-            hot = torch.full_like(lse_c, 1 - eps)
-        else:
-            g = p * ((1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c)[:, None] - (eps / v) * w
-            hot = (1 - eps) * w_y
-        g.scatter_add_(1, y0[:, None], -hot[:, None])
+        # g = p * a - b - hot * onehot(y) (- eps / V * w with class weights), per row:
+        #   a = 1 + 2 z lse (unweighted) or (1 - eps) w[y] + eps / V * sum(w) + 2 z lse,  b = eps / V or 0,
+        #   hot = 1 - eps or (1 - eps) w[y]; everything times grad_scale, and 0 on ignored rows.
+        scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
+        a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
+        hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
+        g = e.mul_((a * scale / total)[:, None])  # p = e / total, reusing e's memory
+        if eps != 0:
+            g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
+        g.scatter_add_(1, y0[:, None], -(hot * scale)[:, None])
         if cap is not None:
-            g *= 1 - t * t
-        g *= grad_scale
-        grad[r0:r1] = torch.where(valid[:, None], g, 0.0)
+            g *= t.square_().neg_().add_(1)  # the softcap chain factor 1 - tanh^2, in t's memory
+        grad[r0:r1] = g
+
+
+def _chunk_rows(v: int, device: torch.device) -> int:
+    """Rows per chunk of the torch backend: TORCH_CHUNK_BYTES of fp32 (cache-sized on CPU, where the passes over
+    a chunk then hit the cache; large elsewhere, where each pass is a kernel launch)."""
+    budget = TORCH_CHUNK_BYTES_CPU if device.type == "cpu" else TORCH_CHUNK_BYTES
+    return max(1, budget // (4 * max(v, 1)))
 
 
 def torch_scale_grad_(grad, grad_output):

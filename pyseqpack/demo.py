@@ -14,10 +14,14 @@ Each model is trained ``--steps`` steps twice from the same initial weights, on 
   (b) pyseqpack: pyseqpack's collator (``DataCollatorForSeq2Seq``, ``DataCollatorForSFT``) +
                  ``fused_cross_entropy``, whose pass over the logits also counts the correct tokens.
 
-Every step prints both losses and accuracies side by side and flags any disagreement (beyond ``--rtol``); the
-batches the two collators build are compared too. At the end: collate time and loss time (forward + backward of
-the loss alone, on the logits) per step for each side, and the speedups. The exit status is 1 when anything
-disagreed. Timings skip the first ``--warmup`` steps (one-time costs: loading native code, compiling kernels).
+Every step prints both runs' losses and accuracies side by side, and checks that (1) the two collators built the
+same batch and (2) on side (b)'s logits, the fused loss and its counts equal the baseline's loss and argmax counts
+computed on those same logits (loss within ``--rtol``, counts exactly); any failure is flagged on the step's line
+and makes the exit status 1. The two runs train independently, so their columns agree to rounding in the first
+steps and then drift apart slowly (AdamW amplifies the ~1e-7 rounding differences step after step): the drift is
+reported, not judged. At the end: collate time and loss time (forward + backward of the loss alone, on the
+logits) per step for each side, and the speedups. Timings skip the first ``--warmup`` steps (one-time costs:
+loading native code, compiling kernels).
 
 The helpers ``load_pairs``, ``build_tokenizer``, ``tiny_llama`` and ``tiny_t5`` are reused by the examples.
 """
@@ -179,7 +183,7 @@ def _fused_loss(kind):
 
 def _train_step(model, optimizer, collator, features, loss_fn, device):
     """One optimizer step. Returns (loss, correct, total, collate seconds, loss seconds, the model inputs
-    of the batch, its labels)."""
+    of the batch, its labels, the logits (detached))."""
     timer = _Timer(device)
     with timer:
         batch = collator(features)
@@ -196,13 +200,12 @@ def _train_step(model, optimizer, collator, features, loss_fn, device):
     logits.backward(leaf.grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item(), int(correct), int(total), collate_s, timer.seconds, batch, labels
+    return loss.item(), int(correct), int(total), collate_s, timer.seconds, batch, labels, leaf.detach()
 
 
 def _same_batch(a, b):
-    """Whether two collated batches hold the same tensors (keys that both have)."""
-    keys = set(a) & set(b)
-    return all(torch.equal(a[k].cpu(), b[k].cpu()) for k in keys) and bool(keys)
+    """Whether two collated batches have the same keys and equal tensors under each."""
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def run_model(kind: str, args, out=print) -> dict:
@@ -214,18 +217,17 @@ def run_model(kind: str, args, out=print) -> dict:
     pairs = load_pairs()
     tokenizer = build_tokenizer(pairs, vocab_size=args.vocab_size)
     vocab = len(tokenizer)
+    model_a = tiny_llama(vocab, seed=args.seed) if kind == "llama" else tiny_t5(vocab, seed=args.seed)
+    model_b = copy.deepcopy(model_a)
     if kind == "llama":
-        model_a = tiny_llama(vocab, seed=args.seed)
         features_b = causal_features(tokenizer, pairs, args.max_length)
         features_a = baseline_sft_features(features_b)
         collator_a = DataCollatorForSeq2Seq(tokenizer)
         collator_b = pyseqpack.DataCollatorForSFT(pad_token_id=tokenizer.pad_token_id)
     else:
-        model_a = tiny_t5(vocab, seed=args.seed)
         features_a = features_b = seq2seq_features(tokenizer, pairs, args.max_length, args.max_target_length)
         collator_a = DataCollatorForSeq2Seq(tokenizer, model=model_a)
-        collator_b = pyseqpack.DataCollatorForSeq2Seq(tokenizer, model=model_a)
-    model_b = copy.deepcopy(model_a)
+        collator_b = pyseqpack.DataCollatorForSeq2Seq(tokenizer, model=model_b)
     sides = {}
     for name, model, collator, features, loss_fn in (
         ("a", model_a, collator_a, features_a, _baseline_loss(kind)),
@@ -237,7 +239,8 @@ def run_model(kind: str, args, out=print) -> dict:
 
     order = list(range(len(pairs)))
     random.Random(args.seed).shuffle(order)
-    mismatches = 0
+    reference = _baseline_loss(kind)
+    mismatches, drift = 0, 0.0
     out(f"\n== {kind}: {sum(p.numel() for p in model_a.parameters()) / 1e6:.2f}M parameters, vocab {vocab}, "
         f"{args.steps} steps of {args.batch_size} examples on {device} ==")
     out(f"{'step':>4} | {'loss: transformers':>18} {'pyseqpack':>10} | {'acc: transformers':>17} {'pyseqpack':>9} |")
@@ -247,27 +250,32 @@ def run_model(kind: str, args, out=print) -> dict:
         results = {}
         for name, side in sides.items():
             feats = [side["features"][i] for i in idx]
-            loss, correct, total, collate_s, loss_s, batch, labels = _train_step(
+            loss, correct, total, collate_s, loss_s, batch, labels, logits = _train_step(
                 side["model"], side["optimizer"], side["collator"], feats, side["loss_fn"], device)
-            results[name] = (loss, correct, total, batch, labels)
+            results[name] = (loss, correct, total, batch, labels, logits)
             if step >= args.warmup:
                 side["collate"].append(collate_s)
                 side["loss"].append(loss_s)
-        (la, ca, ta, ba, ya), (lb, cb, tb, bb, yb) = results["a"], results["b"]
+        (la, ca, ta, ba, ya, _), (lb, cb, tb, bb, yb, logits_b) = results["a"], results["b"]
         problems = []
         if not _same_batch({**ba, "labels": ya}, {**bb, "labels": yb}):
             problems.append("batches differ")
-        if abs(la - lb) > args.rtol * max(abs(la), 1e-12):
-            problems.append(f"loss differs by {abs(la - lb):.2e}")
-        if ta != tb or abs(ca - cb) > args.acc_slack:
-            problems.append(f"accuracy counts differ ({ca}/{ta} vs {cb}/{tb})")
+        # the baseline's loss and argmax counts on the very logits the fused loss scored
+        with torch.no_grad():
+            ref_loss, ref_correct, ref_total = (float(x) for x in reference(logits_b, yb))
+        if abs(lb - ref_loss) > args.rtol * max(abs(ref_loss), 1e-12):
+            problems.append(f"fused loss {lb:.6f} vs torch {ref_loss:.6f} on the same logits")
+        if (cb, tb) != (int(ref_correct), int(ref_total)):
+            problems.append(f"accuracy counts {cb}/{tb} vs argmax {int(ref_correct)}/{int(ref_total)} "
+                            "on the same logits")
         mismatches += bool(problems)
+        drift = max(drift, abs(la - lb) / max(abs(la), 1e-12))
         acc_a, acc_b = ca / max(ta, 1), cb / max(tb, 1)
         flag = "ok" if not problems else "MISMATCH: " + "; ".join(problems)
         bar.write(f"{step:>4} | {la:>18.6f} {lb:>10.6f} | {acc_a:>17.4f} {acc_b:>9.4f} | {flag}")
         bar.update(1)
     bar.close()
-    return {"kind": kind, "mismatches": mismatches, "steps": args.steps,
+    return {"kind": kind, "mismatches": mismatches, "steps": args.steps, "drift": drift,
             **{f"{name}_{what}": side[what] for name, side in sides.items() for what in ("collate", "loss")}}
 
 
@@ -311,7 +319,8 @@ def _summary(result, out=print):
     b = ms(result["b_collate"]) + ms(result["b_loss"])
     out(f"   {'both':<8} {a:>16.3f} ms {b:>8.3f} ms {a / b if b > 0 else float('nan'):>7.2f}x")
     status = "all steps agree" if result["mismatches"] == 0 else f"{result['mismatches']} step(s) MISMATCHED"
-    out(f"   agreement: {status}")
+    out(f"   agreement: {status} (same batches; fused loss and counts = torch's on the same logits)")
+    out(f"   the two runs' losses differ by at most {result['drift']:.1e} (relative) over {result['steps']} steps")
 
 
 def _parser():
@@ -329,10 +338,9 @@ def _parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
     p.add_argument("--warmup", type=_non_negative, default=1, help="first steps left out of the timings (default 1)")
-    p.add_argument("--rtol", type=float, default=1e-4,
-                   help="relative loss difference flagged as a mismatch (default 1e-4)")
-    p.add_argument("--acc-slack", type=_non_negative, default=0,
-                   help="correct-token count difference tolerated (argmax near-ties; default 0)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="relative difference between the fused and torch's loss on the same logits flagged as a "
+                        "mismatch (default 1e-5)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 

@@ -35,8 +35,9 @@ CONTRACT (public signature):
         return_shift_labels=False,   # "shift_labels"[b, t] = labels[b, t + 1], label_pad_token_id in the last column
         return_loss_mask=False,      # verl's "loss_mask" (needs prompt_lengths): attention_mask with the first
                                      # prompt_len - 1 tokens (when prompt_len > 1) and the last token zeroed
-        extras=None,                 # {name: (sequences, pad_value)} padded exactly like input_ids
-                                     # (token_type_ids, special_tokens_mask, a user attention_mask, ...)
+        extras=None,                 # {name: (sequences, pad_value)} padded exactly like input_ids, in the same
+                                     # form (token_type_ids, special_tokens_mask, a user attention_mask, ...);
+                                     # the spec must be a tuple (a list would read as a list of rows)
         dtype=torch.int64,           # torch.int64 or torch.int32, for every output
         device=None,                 # output device; default: the device of input_ids when it is a tensor (flat,
                                      # 2-D, or a list of tensors on one device), else CPU
@@ -84,8 +85,10 @@ without a sync (it then needs ``truncation=True``, since too-long rows cannot be
 Backends. "torch" is the plain reference (and the fallback). "cpu" reads Python lists / buffers in C++ in one pass,
 writing each output once (O(B) Python work). "triton" and "cuda" launch one kernel for all outputs, from a flat
 token buffer and the row plan (csrc/pad_shift_mask.h). "auto": "cpu" for CPU outputs when pyseqpack._C is built,
-else "torch"; on CUDA "cuda" when pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch".
-A backend asked for by name that cannot run raises pyseqpack.BackendUnavailable saying why.
+else "torch"; on CUDA "cuda" when pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch"
+(a Triton compile or launch failure under "auto" warns once and falls back to "torch"). A backend asked for by
+name that cannot run raises pyseqpack.BackendUnavailable saying why. Every argument is validated before anything
+is launched.
 """
 from __future__ import annotations
 
@@ -275,7 +278,7 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
     return _Seqs(name, rows=rows, lengths=lengths)
 
 
-def _check_aligned(seqs: _Seqs, src: _Seqs, what: str):
+def _check_aligned(seqs: _Seqs, src: _Seqs):
     """loss_masks and extras must be shaped exactly like input_ids: same form, examples and lengths."""
     if (seqs.rows is None) != (src.rows is None):
         form = "a list of rows" if src.rows is not None else "flat (1-D with offsets, or 2-D)"
@@ -288,7 +291,7 @@ def _check_aligned(seqs: _Seqs, src: _Seqs, what: str):
         diff = np.flatnonzero(seqs.lengths != src.lengths)
         if len(diff):
             b = int(diff[0])
-            raise ValueError(f"{seqs.name}[{b}] has {seqs.lengths[b]} {what} but input_ids[{b}] has {src.lengths[b]} tokens")
+            raise ValueError(f"{seqs.name}[{b}] has {seqs.lengths[b]} values but input_ids[{b}] has {src.lengths[b]} tokens")
     elif seqs.flat.shape[0] != src.flat.shape[0]:
         raise ValueError(f"{seqs.name} holds {seqs.flat.shape[0]} values but input_ids holds {src.flat.shape[0]}")
 
@@ -466,13 +469,12 @@ def _host_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind:
 
 
 def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
-    over = np.flatnonzero(kept > length)
-    if len(over):
-        b = int(over[0])
-        how = (f"padding='max_length' pads to {length} (max_length={opts.max_length})" if opts.padding == "max_length"
-               else f"the padded length is {length}")
-        raise ValueError(f"{seqs.name}[{b}] has {kept[b]} {what}, more than the padded length: {how}; pass "
-                         "truncation=True to cut it, or a larger max_length")
+    """Raises for the first example longer than the padded length (the caller found one)."""
+    b = int(np.flatnonzero(kept > length)[0])
+    how = (f"padding='max_length' pads to {length} (max_length={opts.max_length})" if opts.padding == "max_length"
+           else f"the padded length is {length}")
+    raise ValueError(f"{seqs.name}[{b}] has {kept[b]} {what}, more than the padded length: {how}; pass "
+                     "truncation=True to cut it, or a larger max_length")
 
 
 def _device_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind: int) -> _Layout:
@@ -486,8 +488,7 @@ def _device_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kin
     kept = _kept(_TorchOps, src.lengths, opts)
     lab_kept = _kept(_TorchOps, lab.lengths, opts) if kind == LABELS_GIVEN else None
     if prompt is not None:
-        prompt = prompt.to(src.device, non_blocking=True) if isinstance(prompt, torch.Tensor) else \
-            torch.as_tensor(prompt, device=src.device)
+        prompt = _to_device(prompt if isinstance(prompt, torch.Tensor) else torch.from_numpy(prompt), src.device)
     return _plan(_TorchOps, src, lab, prompt, opts, kept, L, lab_kept, L)
 
 
@@ -519,6 +520,10 @@ def _ref_values(obj, name: str, b: int, start: int, stop: int, value_range, is_m
         try:
             obj = np.asarray(memoryview(obj))
         except TypeError:
+            # other sequences (range, deque, ...), as CPython's PySequence_Check sees them
+            if isinstance(obj, (str, dict)) or not hasattr(type(obj), "__getitem__"):
+                raise TypeError(f"{name}[{b}]: expected a sequence of ints (list, tuple, 1-D integer array), "
+                                f"got {type(obj).__name__}") from None
             obj = list(obj)
     if isinstance(obj, np.ndarray):
         if obj.ndim != 1:
@@ -583,7 +588,7 @@ def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optio
     L = opts.padded_length(max(len(t) for t in rows))
 
     def stack(per_row, length, value):
-        return torch.stack([_ref_pad(x, length, value, side) for x in per_row]) if B else None
+        return torch.stack([_ref_pad(x, length, value, side) for x in per_row])
 
     out = {"input_ids": stack(rows, L, opts.pad_token_id)}
     attention = stack([torch.ones_like(t) for t in rows], L, 0)
@@ -706,8 +711,11 @@ def _cuda_kernel():
     `unavailable_reason() -> Optional[str]` (None when the library holds the kernel)."""
     if importlib.util.find_spec("pyseqpack.pad_shift_mask_cuda") is None:
         return None, "pyseqpack.pad_shift_mask_cuda (the CUDA launcher) is not part of this install"
-    mod = importlib.import_module("pyseqpack.pad_shift_mask_cuda")
-    why = mod.unavailable_reason()
+    try:
+        mod = importlib.import_module("pyseqpack.pad_shift_mask_cuda")
+        why = mod.unavailable_reason()
+    except Exception as e:  # noqa: BLE001 - a broken launcher makes the backend unavailable, with the reason
+        return None, f"pyseqpack.pad_shift_mask_cuda failed to load ({type(e).__name__}: {e})"
     return (None, why) if why else (mod, None)
 
 
@@ -716,19 +724,22 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a sync: through pinned memory, asynchronously (a no-op for a CPU device)."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """To `device` without a host sync: a host tensor goes through pinned memory, asynchronously."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
-def _gather_host(seqs: _Seqs, plan: np.ndarray, which: int, opts: _Options, is_mask: bool) -> torch.Tensor:
-    """Every example's kept values back to back, in the output dtype, validated; plan columns say which values."""
+def _gather_host(seqs: _Seqs, plan: np.ndarray, which: int, opts: _Options, is_mask: bool, pin: bool) -> torch.Tensor:
+    """Every example's kept values back to back, in the output dtype, validated; plan columns say which values.
+    `pin`: into pinned memory, ready for an asynchronous copy to the GPU."""
     src_col, kept_col = (TOK_SRC, TOK_KEPT) if which == 0 else (LAB_SRC, LAB_KEPT)
     total = int(plan[:, kept_col].sum())
     if _native.cpu_available():
-        out = torch.empty(total, dtype=opts.dtype)
+        out = torch.empty(total, dtype=opts.dtype, pin_memory=pin)
         obj, bases = _cpu_source(seqs)
         _native.cpu_module().psm_gather(obj, seqs.name, plan, seqs.B, which, bases, out.data_ptr(),
                                         out.element_size(), int(is_mask))
@@ -753,8 +764,12 @@ def _device_inputs(layout: _Layout, src, kind, lab, masks, extras, opts: _Option
 
     def field(seqs, which, is_mask):
         if seqs.on_host:  # host data implies host offsets, hence a host plan
-            return _to_device(_gather_host(seqs, host_plan, which, opts, is_mask), device)
-        flat = seqs.flat.view(torch.uint8) if seqs.flat.dtype == torch.bool else seqs.flat
+            return _to_device(_gather_host(seqs, host_plan, which, opts, is_mask, device.type == "cuda"), device)
+        flat = seqs.flat
+        if flat.dtype == torch.bool and is_mask:
+            flat = flat.view(torch.uint8)
+        elif flat.dtype not in (torch.int32, torch.int64) and not (is_mask and flat.dtype == torch.uint8):
+            flat = flat.to(torch.int64)  # the kernels read int32 / int64 (and uint8 masks)
         return _aligned(flat)
 
     tokens = field(src, 0, False)
@@ -817,7 +832,7 @@ def _select_backend(backend: str, device: torch.device) -> str:
         if device.type == "cpu":
             return "cpu" if _native.cpu_available() else "torch"
         if device.type == "cuda":
-            if _cuda_kernel()[0] is not None:
+            if torch.cuda.is_available() and _cuda_kernel()[0] is not None:
                 return "cuda"
             if _native.triton_available(device) and not _TRITON_BROKEN:
                 return "triton"
@@ -829,7 +844,7 @@ def _select_backend(backend: str, device: torch.device) -> str:
     elif backend == "cuda":
         if device.type != "cuda":
             raise BackendUnavailable(f'backend "cuda" needs a CUDA output device, got {device}')
-        why = _cuda_kernel()[1]
+        why = _cuda_kernel()[1] or (None if torch.cuda.is_available() else "torch sees no CUDA device")
         if why:
             raise BackendUnavailable(f'backend "cuda" is unavailable: {why}')
     elif backend == "triton":
@@ -912,7 +927,7 @@ def pad_shift_mask(
         if kind != LABELS_DERIVED:
             raise ValueError("loss_masks apply to derived labels (labels='input_ids')")
         masks = _as_seqs(loss_masks, offsets, "loss_masks", "offsets")
-        _check_aligned(masks, src, "values")
+        _check_aligned(masks, src)
     extra_seqs = {}
     if extras:
         if not isinstance(extras, dict):
@@ -920,10 +935,10 @@ def pad_shift_mask(
         for name, spec in extras.items():
             if not isinstance(name, str) or name in OUTPUT_KEYS:
                 raise ValueError(f"extras: name {name!r} must be a str other than the op's own outputs {OUTPUT_KEYS}")
-            if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            if not isinstance(spec, tuple) or len(spec) != 2:  # a list would be ambiguous with a list of rows
                 raise TypeError(f"extras[{name!r}]: expected (sequences, pad_value), got {type(spec).__name__}")
             seqs = _as_seqs(spec[0], offsets, name, "offsets")
-            _check_aligned(seqs, src, "values")
+            _check_aligned(seqs, src)
             pad = _as_int(spec[1], f"extras[{name!r}] pad value")
             lo, hi = opts.value_range
             if not lo <= pad <= hi:
@@ -964,7 +979,7 @@ def pad_shift_mask(
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
 
-    B, L, Ll = src.B, layout.L, layout.Ll
+    L, Ll = layout.L, layout.Ll
     outs = {"input_ids": torch.empty((B, L), dtype=opts.dtype, device=out_device)}
     for key in OUTPUT_KEYS[1:]:
         if want[key]:

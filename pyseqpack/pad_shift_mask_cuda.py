@@ -32,6 +32,10 @@ _LABEL_OUTS = ("labels", "decoder_input_ids", "shift_labels")  # [B, Ll]; the ot
 # Element type codes of the C ABI (enum TypeCode in csrc/pad_shift_mask.cu).
 _CODES = {torch.int64: 0, torch.int32: 1, torch.uint8: 2}
 _INTS = (torch.int64, torch.int32)
+_MASK_TYPES = (torch.uint8,) + _INTS
+_RANGES = {dt: (torch.iinfo(dt).min, torch.iinfo(dt).max) for dt in _INTS}
+_OUT_KEYS = frozenset(_OUTS) | {"extras"}
+_OutPointers = ctypes.c_void_p * len(_OUTS)
 _LABELS_KINDS = (0, 1, 2)  # none, derived from tokens, given (psm::LabelsKind)
 # Columns are tiled by 256 threads and the grid has at most 65535 tiles (csrc/pad_shift_mask.cu).
 _MAX_WIDTH = 65535 * 256
@@ -75,82 +79,103 @@ def _check_return(rc: int) -> None:
         raise RuntimeError(f"pyseqpack CUDA pad_shift_mask: pyseqpack_psm_fill failed with CUDA error {rc}: {msg}")
 
 
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ValueError(f"pyseqpack CUDA pad_shift_mask: {msg}")
+def _error(msg: str) -> ValueError:
+    return ValueError(f"pyseqpack CUDA pad_shift_mask: {msg}")
+
+
+# The checks below run on every launch: each message is formatted only once its check has failed.
 
 
 def _require_tensor(name: str, t, device: torch.device, dtypes: tuple, shape: tuple) -> None:
     """`t` is a C-contiguous tensor of `shape` with one of `dtypes`, on `device`."""
-    _require(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    _require(t.device == device, f"{name} must be on {device} (the device of plan), got {t.device}")
-    _require(t.dtype in dtypes, f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    _require(tuple(t.shape) == shape, f"{name} must have shape {list(shape)}, got {list(t.shape)}")
-    _require(t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}")
+    if not isinstance(t, torch.Tensor):
+        raise _error(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise _error(f"{name} must be on {device} (the device of plan), got {t.device}")
+    if t.dtype not in dtypes:
+        raise _error(f"{name} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.shape != shape:
+        raise _error(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise _error(f"{name} must be contiguous, got strides {t.stride()}")
 
 
 def _require_int(name: str, value, lo: int, hi: int, what: str) -> int:
     """`value` (an int, numpy integers too, not a bool) as an int, checked to lie in [lo, hi]."""
-    try:
-        _require(not isinstance(value, bool), "")
-        value = operator.index(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"pyseqpack CUDA pad_shift_mask: {name} must be an int, got {value!r}") from None
-    _require(lo <= value <= hi, f"{name} = {value} is outside {what}")
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise _error(f"{name} must be an int, got {value!r}")
+    value = operator.index(value)
+    if not lo <= value <= hi:
+        raise _error(f"{name} = {value} is outside {what}")
     return value
 
 
 def _arguments(a) -> list:
     """Checks a DeviceLaunch and returns the C entry point's arguments (all but the stream)."""
     plan = a.plan
-    _require(isinstance(plan, torch.Tensor), f"plan must be a torch.Tensor, got {type(plan).__name__}")
+    if not isinstance(plan, torch.Tensor):
+        raise _error(f"plan must be a torch.Tensor, got {type(plan).__name__}")
     device = plan.device
     B = plan.shape[0] if plan.dim() == 2 else -1
     _require_tensor("plan", plan, device, (torch.int64,), (B, 8))
-    _require(B < 2**31, f"plan has {B} rows; one launch takes at most 2**31 - 1")
-    _require(a.mode == 0, f"mode {a.mode!r} is not built: only mode 0 (padded) is")
-    _require(a.labels_kind in _LABELS_KINDS, f"labels_kind must be 0 (none), 1 (derived) or 2 (given), got {a.labels_kind!r}")
+    if B >= 2**31:
+        raise _error(f"plan has {B} rows; one launch takes at most 2**31 - 1")
+    if a.mode != 0:
+        raise _error(f"mode {a.mode!r} is not built: only mode 0 (padded) is")
+    kind = a.labels_kind
+    if kind not in _LABELS_KINDS:
+        raise _error(f"labels_kind must be 0 (none), 1 (derived) or 2 (given), got {kind!r}")
     L = _require_int("L", a.L, 0, _MAX_WIDTH, f"[0, {_MAX_WIDTH}]")
     Ll = _require_int("Ll", a.Ll, 0, _MAX_WIDTH, f"[0, {_MAX_WIDTH}]")
-    _require(a.labels_kind != 1 or Ll == L, f"derived labels (labels_kind 1) need Ll == L, got L={L}, Ll={Ll}")
+    if kind == 1 and Ll != L:
+        raise _error(f"derived labels (labels_kind 1) need Ll == L, got L={L}, Ll={Ll}")
 
     tokens = a.tokens
     n = tokens.numel() if isinstance(tokens, torch.Tensor) else -1
     _require_tensor("tokens", tokens, device, _INTS, (n,))
-    if a.loss_masks is not None:
-        _require(a.labels_kind == 1, f"loss_masks apply to derived labels (labels_kind 1), got labels_kind {a.labels_kind}")
-        _require_tensor("loss_masks", a.loss_masks, device, (torch.uint8,) + _INTS, (n,))
-    if a.labels_kind == 2:
-        labels = a.labels
-        _require(labels is not None, "labels_kind 2 needs the `labels` buffer")
+    masks = a.loss_masks
+    if masks is not None:
+        if kind != 1:
+            raise _error(f"loss_masks apply to derived labels (labels_kind 1), got labels_kind {kind}")
+        _require_tensor("loss_masks", masks, device, _MASK_TYPES, (n,))
+    labels = a.labels
+    if kind == 2:
+        if labels is None:
+            raise _error("labels_kind 2 needs the `labels` buffer")
         _require_tensor("labels", labels, device, _INTS, (labels.numel() if isinstance(labels, torch.Tensor) else -1,))
-    else:
-        _require(a.labels is None, f"`labels` is only read with labels_kind 2, got labels_kind {a.labels_kind}")
+    elif labels is not None:
+        raise _error(f"`labels` is only read with labels_kind 2, got labels_kind {kind}")
 
     outputs = a.outputs
-    _require(isinstance(outputs, dict), f"outputs must be a dict {{key: tensor}}, got {type(outputs).__name__}")
-    unknown = sorted(set(outputs) - set(_OUTS) - {"extras"})
-    _require(not unknown, f"outputs has unknown keys {unknown}; expected keys from {list(_OUTS)} and 'extras'")
-    if a.labels_kind == 0:
-        asked = [k for k in _LABEL_OUTS if outputs.get(k) is not None]
-        _require(not asked, f"outputs {asked} need labels (labels_kind 1 or 2), got labels_kind 0")
-    E = 0
-    if a.extras is not None:
-        E = a.extras.shape[0] if isinstance(a.extras, torch.Tensor) and a.extras.dim() == 2 else -1
-        _require_tensor("extras", a.extras, device, _INTS, (E, n))
+    if not isinstance(outputs, dict):
+        raise _error(f"outputs must be a dict {{key: tensor}}, got {type(outputs).__name__}")
+    if not _OUT_KEYS.issuperset(outputs):
+        raise _error(f"outputs has unknown keys {sorted(set(outputs) - _OUT_KEYS)}; expected keys from "
+                     f"{list(_OUTS)} and 'extras'")
+    if kind == 0 and any(outputs.get(k) is not None for k in _LABEL_OUTS):
+        raise _error(f"outputs {[k for k in _LABEL_OUTS if outputs.get(k) is not None]} need labels "
+                     "(labels_kind 1 or 2), got labels_kind 0")
+    extras, E = a.extras, 0
+    if extras is not None:
+        E = extras.shape[0] if isinstance(extras, torch.Tensor) and extras.dim() == 2 else -1
+        _require_tensor("extras", extras, device, _INTS, (E, n))
         _require_tensor("extra_pads", a.extra_pads, device, (torch.int64,), (E,))
-    _require((outputs.get("extras") is not None) == (E > 0),
-             f"outputs['extras'] ([E, B, L]) must be given exactly when there are extras (E = {E})")
-    # (argument name, tensor, shape) of every output the kernel writes; they share one dtype.
-    targets = [(f"outputs[{k!r}]", t, (E, B, L) if k == "extras" else (B, Ll) if k in _LABEL_OUTS else (B, L))
-               for k, t in outputs.items() if t is not None]
-    for name, t, shape in targets:
-        _require_tensor(name, t, device, _INTS, shape)
-    dtypes = sorted({str(t.dtype) for _, t, _ in targets})
-    _require(len(dtypes) <= 1, f"every output must have the same dtype, got {' and '.join(dtypes)}")
-    out_dtype = targets[0][1].dtype if targets else torch.int64
-    info = torch.iinfo(out_dtype)
-    pads = [_require_int(name, getattr(a, name), info.min, info.max, f"the output dtype {out_dtype}")
+    if (outputs.get("extras") is not None) != (E > 0):
+        raise _error(f"outputs['extras'] ([E, B, L]) must be given exactly when there are extras (E = {E})")
+    # Every output the kernel writes; they share one dtype.
+    out_dtype = None
+    for k, t in outputs.items():
+        if t is None:
+            continue
+        shape = (E, B, L) if k == "extras" else (B, Ll) if k in _LABEL_OUTS else (B, L)
+        _require_tensor(f"outputs[{k!r}]", t, device, _INTS, shape)
+        if out_dtype is None:
+            out_dtype = t.dtype
+        elif t.dtype != out_dtype:
+            raise _error(f"every output must have the same dtype, got {out_dtype} and {t.dtype} (outputs[{k!r}])")
+    out_dtype = out_dtype or torch.int64
+    lo, hi = _RANGES[out_dtype]
+    pads = [_require_int(name, getattr(a, name), lo, hi, f"the output dtype {out_dtype}")
             for name in ("pad_token_id", "label_pad_token_id", "decoder_start_token_id")]
 
     def ptr(t):
@@ -159,14 +184,13 @@ def _arguments(a) -> list:
     def code(t):
         return _CODES[t.dtype] if t is not None else 0
 
-    labels = a.labels if a.labels_kind == 2 else None
     return [
         plan.data_ptr(), B, L, Ll,
         tokens.data_ptr(), n, _CODES[tokens.dtype],
-        ptr(a.loss_masks), code(a.loss_masks),
-        a.labels_kind, ptr(labels), labels.numel() if labels is not None else 0, code(labels),
-        (ctypes.c_void_p * len(_OUTS))(*(ptr(outputs.get(k)) for k in _OUTS)),
-        ptr(a.extras), E, code(a.extras), ptr(a.extra_pads), ptr(outputs.get("extras")),
+        ptr(masks), code(masks),
+        kind, ptr(labels), labels.numel() if labels is not None else 0, code(labels),
+        _OutPointers(*(ptr(outputs.get(k)) for k in _OUTS)),
+        ptr(extras), E, code(extras), ptr(a.extra_pads), ptr(outputs.get("extras")),
         *pads,
         _CODES[out_dtype],
     ]
@@ -184,7 +208,8 @@ def launch(args) -> None:
     """
     c_args = _arguments(args)
     device = args.plan.device
-    _require(device.type == "cuda", f"the CUDA kernel needs CUDA tensors, got plan and buffers on {device}")
+    if device.type != "cuda":
+        raise _error(f"the CUDA kernel needs CUDA tensors, got plan and buffers on {device}")
     lib = _lib()
     with torch.cuda.device(device):
         rc = lib.pyseqpack_psm_fill(*c_args, torch.cuda.current_stream(device).cuda_stream)

@@ -10,10 +10,16 @@ built from tiny configs (d_model 8, one layer, VOCAB_SIZE tokens) with random we
     SEQ2SEQ_MODELS                       model name -> tokenizer family that goes with it
     word_ids(tokenizer)                  the ids of the ordinary (non-special) tokens
 
+and helpers to compare a drop-in with the class it replaces:
+
+    assert_same_batch(ours, theirs)      same container type, key order, per-key type / dtype / shape / values
+    assert_same_outcome(f, g, *args)     same batch, or the same exception type
+    snapshot(x), assert_unchanged(x, s)  the caller's features were not modified
+
 Families (special ids, in vocabulary order):
 
-    t5       <pad>=0 </s>=1 <unk>=2                         pad != eos, right padding (T5, Pegasus)
-    bart     <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last      (BART, FSMT, M2M100, Blenderbot, LED)
+    t5       <pad>=0 </s>=1 <unk>=2                         (T5 family, Pegasus, PegasusX, BigBirdPegasus)
+    bart     <s>=0 <pad>=1 </s>=2 <unk>=3, <mask> last      (BART, MVP, LED, FSMT, M2M100, Blenderbot)
     mbart    bart + language codes en_XX, ro_RO (last ids)  (mBART, PLBart)
     marian   </s>=0 <unk>=1, <pad> last                     pad is the highest id
     whisper  <|endoftext|>=0 is bos, eos and pad            pad == eos

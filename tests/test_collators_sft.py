@@ -85,7 +85,7 @@ def sft_features(rng, tokenizer, n, lo=2, hi=10, fields=("completion_mask",), ma
 @pytest.mark.parametrize("multiple", [None, 4])
 def test_sft_matches_trl(trl_reference, fields, truncate, multiple):
     tok = make_tokenizer("qwen")
-    rng = random.Random(hash((fields, truncate, multiple)) % 10_000)
+    rng = random.Random(repr((fields, truncate, multiple)))
     max_length = 6 if truncate else None
     feats = sft_features(rng, tok, 6, fields=fields, max_prompt=max_length and max_length - 1)
     theirs = trl_reference(feats, tok, max_length, truncate or "keep_start", multiple)
@@ -179,7 +179,7 @@ FIELD_SETS = [(), ("prompt_length",), ("completion_mask",), ("assistant_masks",)
               ("labels", "prompt_length", "completion_mask", "assistant_masks")]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fields=st.sampled_from(FIELD_SETS), n=st.integers(1, 5), seed=st.integers(0, 2**16),
        padding_side=st.sampled_from(["right", "left"]),
        geometry=st.sampled_from([("longest", None, False), ("longest", 5, True), ("max_length", 12, False),

@@ -243,7 +243,7 @@ def test_shift_does_not_touch_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_first_index_ties(backend):
     """bf16 logits with tied maxima: argmax is the first index (torch.argmax), within a chunk and across chunks
-    (columns 100 and 9000 sit in different 8192-column chunks), and for an all-equal row."""
+    (columns 100 and 9000 sit in different chunks of at most 4096 columns), and for an all-equal row."""
     v = 20000
     logits = torch.zeros(4, v, dtype=torch.bfloat16)
     logits[0, [3, 10]] = 5.0  # tie inside one chunk
@@ -274,7 +274,7 @@ def test_forward_only(backend):
 def test_torch_backend_chunks(monkeypatch):
     """The torch backend works in chunks of rows: a chunk size of 3 rows gives the same results."""
     logits, labels = make_inputs((5, 4), 97, torch.float32, "cpu")
-    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES", 3 * 97 * 4)
+    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES_CPU", 3 * 97 * 4)
     check(*run_both(logits, labels, "torch", label_smoothing=0.1, softcap=3.0), torch.float32)
 
 

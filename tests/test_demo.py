@@ -38,6 +38,7 @@ def test_python_m_pyseqpack_demo_runs_and_both_sides_agree():
     timings = re.findall(r"^\s+(collate|loss|both)\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)x$", out, re.M)
     assert [t[0] for t in timings] == ["collate", "loss", "both"] * 2, out
     assert "first 1 skipped as warm-up" in out
+    assert out.count("the two runs' losses differ by at most") == 2
 
 
 def test_demo_flags_a_disagreement(monkeypatch, capsys):
@@ -57,7 +58,7 @@ def test_demo_flags_a_disagreement(monkeypatch, capsys):
     rc = demo.main(["--model", "llama", "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 1
-    assert "MISMATCH: loss differs" in out
+    assert "MISMATCH: fused loss" in out and "on the same logits" in out
     assert "2 step(s) MISMATCHED" in out
 
 

@@ -188,6 +188,25 @@ def test_remove_and_reapply():
     assert model.loss_function is default
     assert remove_fused_loss(model) is False
 
+    # what the instance had before (a user's own loss, another library's patched forward) comes back
+    def users_loss(*args, **kwargs):
+        raise AssertionError("not called while the fused loss is installed")
+
+    model.loss_function = users_loss
+    apply_fused_loss(model)
+    apply_fused_loss(model)
+    assert isinstance(model.loss_function, FusedLMLoss)
+    remove_fused_loss(model)
+    assert model.loss_function is users_loss
+
+    t5 = copy.deepcopy(hf_fixtures.make_model("t5"))
+    patched = t5.forward
+    t5.forward = patched  # an instance-level forward, as TRL's add_fused_lm_head installs
+    apply_fused_loss(t5)
+    assert t5.forward is not patched
+    assert remove_fused_loss(t5) is True
+    assert t5.__dict__["forward"] is patched
+
 
 def test_fused_loss_validates_its_arguments():
     loss = FusedLMLoss(shift=True)
@@ -317,6 +336,18 @@ def test_token_accuracy_accumulates_on_device_and_resets():
     assert acc.counts("eval") == (0, 0)
 
 
+def test_token_accuracy_mixes_inference_mode_and_no_grad():
+    # a window opened under torch.inference_mode() must keep accepting counts outside it (and the reverse)
+    acc = TokenAccuracy()
+    with torch.inference_mode():
+        acc.update(torch.tensor(1), torch.tensor(2), mode="eval")
+    with torch.no_grad():
+        acc.update(torch.tensor(1), torch.tensor(2), mode="eval")
+    with torch.inference_mode():
+        acc.update(torch.tensor(1), torch.tensor(3), mode="eval")
+    assert acc.counts("eval") == (3, 7)
+
+
 def test_token_accuracy_rejects_bad_input():
     acc = TokenAccuracy()
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -394,6 +425,32 @@ def _trainer(model, features, callbacks=(), grad_accum=2, **kwargs):
     collator = transformers.DataCollatorForSeq2Seq(tok, model=model if model.config.is_encoder_decoder else None)
     return transformers.Trainer(model=model, args=args, train_dataset=features, eval_dataset=features[:8],
                                 data_collator=collator, callbacks=list(callbacks))
+
+
+def test_callback_reads_the_window_each_log_belongs_to():
+    acc = TokenAccuracy()
+    callback = TokenAccuracyCallback(acc)
+    state = transformers.TrainerState()
+
+    def log(logs):
+        state.log_history.append(dict(logs))
+        callback.on_log(None, state, None, logs=logs)
+        assert state.log_history[-1] == logs
+        return logs
+
+    acc.update(torch.tensor(1), torch.tensor(2))
+    acc.update(torch.tensor(3), torch.tensor(4), mode="eval")
+    # the end-of-training summary looks like an evaluation with prefix "train", and is not one
+    assert "train_token_accuracy" not in log({"train_runtime": 1.0, "train_loss": 2.0, "epoch": 1.0})
+    assert "learning_rate" in log({"learning_rate": 0.1})  # nothing to add to
+    assert log({"eval_loss": 1.0, "eval_runtime": 0.1})["eval_token_accuracy"] == 0.75
+    acc.update(torch.tensor(1), torch.tensor(4), mode="eval")
+    assert log({"test_loss": 1.0, "test_runtime": 0.1})["test_token_accuracy"] == 0.25
+    assert log({"loss": 1.0, "grad_norm": 0.5})["token_accuracy"] == 0.5
+    assert "token_accuracy" not in log({"loss": 1.0})  # an empty window adds nothing
+    acc.update(torch.tensor(1), torch.tensor(1), mode="eval")
+    callback.on_predict(None, state, None)  # predict() logs nothing: its counts are dropped
+    assert acc.counts("eval") == (0, 0)
 
 
 def _record_trl_counts(model, shift):
@@ -544,6 +601,7 @@ def test_trl_sft_trainer_matches_trl():
         torch.testing.assert_close(b, a, rtol=1e-3, atol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's own deprecation notice for label smoothing
 @pytest.mark.parametrize("kwargs, message", [
     ({"loss_type": "dft"}, "loss_type='dft'"),
     ({"label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1"),

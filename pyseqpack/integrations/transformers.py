@@ -8,11 +8,12 @@ One call swaps the loss of a causal-LM or seq2seq-LM head for ``pyseqpack.fused_
 
 ``outputs.loss`` keeps the model's own definition: the same shift, the same ``ignore_index``, the same mean, and
 ``num_items_in_batch`` (transformers' gradient-accumulation rule, ``sum / num_items_in_batch``) wherever the model
-honours it. What changes is how it is computed: one pass over the logits that reads each row once, in fp32
-registers, with no fp32 copy of bf16 logits (transformers' ``ForCausalLMLoss`` makes one), and the same pass counts
-the tokens whose argmax equals the label. Those counts stay on the device (int64 tensors, no host sync) in a
-:class:`TokenAccuracy`; ``compute()`` is the only sync, once per logging step, and it all-reduces the *counts*
-across data-parallel ranks, so the logged accuracy is token-weighted over every rank and every micro-batch.
+honours it. What changes is how it is computed: one fused kernel per row of logits computes the loss and its
+gradient together in fp32 registers (no fp32 copy of bf16 logits, which transformers' ``ForCausalLMLoss`` makes;
+no log-softmax tensor saved for backward), and the same pass counts the tokens whose argmax equals the label.
+Those counts stay on the device (int64 tensors, no host sync) in a :class:`TokenAccuracy`; ``compute()`` is the
+only sync, once per logging step, and it all-reduces the *counts* across data-parallel ranks, so the logged
+accuracy is token-weighted over every rank and every micro-batch.
 
 How the swap is done, per model family (nothing global in transformers is patched; everything is undone by
 :func:`remove_fused_loss`):
@@ -21,9 +22,13 @@ How the swap is done, per model family (nothing global in transformers is patche
   Mistral, GPT-2, ...; and encoder-decoders such as T5Gemma or Moonshine): the instance's ``loss_function`` is set,
   the override hook transformers provides. The model keeps passing ``num_items_in_batch`` and ``shift_labels``.
 * Encoder-decoder models that compute ``CrossEntropyLoss`` inline (T5, mT5, BART, mBART, Marian, Pegasus, ...): the
-  instance's ``forward`` is wrapped. It takes ``labels`` away, builds ``decoder_input_ids`` from them exactly as the
-  model would (``prepare_decoder_input_ids_from_labels``), runs the model without a loss, and scores its logits.
-  These models ignore ``num_items_in_batch`` (their loss is a plain per-batch mean), and so does the wrapper.
+  instance's ``forward`` is wrapped. It takes ``labels`` away (pass them by keyword, as ``model(**batch)`` does),
+  builds ``decoder_input_ids`` from them exactly as the model would (``prepare_decoder_input_ids_from_labels``),
+  runs the model without a loss, and scores its logits. These models ignore ``num_items_in_batch`` (their loss is
+  a plain per-batch mean, also under Trainer's gradient accumulation), and so does the wrapper.
+
+The fused loss validates label ranges with one host sync per call unless ``PYSEQPACK_CHECK_LABELS=0`` (see
+``pyseqpack.fused_cross_entropy``); set it for sync-free training steps.
 """
 from __future__ import annotations
 
@@ -46,8 +51,11 @@ __all__ = [
 ]
 
 _MODES = ("train", "eval")
-# Marks what apply_fused_loss installed on a model instance, so remove_fused_loss only undoes its own work.
-_MARK = "_pyseqpack_fused_loss"
+# What apply_fused_loss installs on a model instance carries this attribute, holding what the instance had there
+# before (a user's loss_function, TRL's patched forward, ...; _NOTHING when it had nothing): remove_fused_loss
+# undoes only pyseqpack's own work and puts that back.
+_MARK = "_pyseqpack_replaced"
+_NOTHING = object()
 
 
 class TokenAccuracy:
@@ -76,8 +84,11 @@ class TokenAccuracy:
         total = num_tokens.detach().reshape(()).to(device=correct.device, dtype=torch.int64)
         current = self._counts[mode]
         if current is None:
-            # clone: the window must never alias a tensor the caller (or the loss output) still owns
-            self._counts[mode] = [correct.clone(), total.clone()]
+            # clone: the window must never alias a tensor the caller (or the loss output) still owns; and made
+            # outside inference mode, so that a window opened under torch.inference_mode() can still be added to
+            # (or reset) later outside it
+            with torch.inference_mode(False):
+                self._counts[mode] = [correct.clone(), total.clone()]
         else:
             current[0] += correct.to(current[0].device)
             current[1] += total.to(current[1].device)
@@ -233,8 +244,7 @@ def apply_fused_loss(model, *, accuracy: TokenAccuracy | None = None, backend: s
             (``T5ForConditionalGeneration``, ``BartForConditionalGeneration``, ...). Apply it before wrapping the
             model (DDP, accelerate ``prepare``, PEFT): it changes this instance only.
         accuracy: an existing accumulator to fill (e.g. shared by several models); a new one by default.
-        backend: passed to ``pyseqpack.fused_cross_entropy`` (``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"``,
-            ``"torch"``).
+        backend: passed to ``pyseqpack.fused_cross_entropy`` (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``).
 
     Applying it again replaces the previous installation. Raises ``TypeError`` for a model whose loss is not a
     token-level LM cross-entropy pyseqpack knows how to reproduce.
@@ -261,7 +271,7 @@ def apply_fused_loss(model, *, accuracy: TokenAccuracy | None = None, backend: s
                 "cross-entropy (expected a ForCausalLM or ForMaskedLM loss)"
             )
         loss = FusedLMLoss(shift=shift, accuracy=accuracy, model=model, backend=backend)
-        setattr(loss, _MARK, True)
+        setattr(loss, _MARK, model.__dict__.get("_loss_function", _NOTHING))
         model.loss_function = loss  # transformers' setter stores it on the instance as _loss_function
         return accuracy
 
@@ -285,7 +295,7 @@ def _seq2seq_forward(model, loss: FusedLMLoss, no_cache: bool):
     """Wrap ``model.forward`` of an encoder-decoder whose loss is ``CrossEntropyLoss()(logits.view(-1, V),
     labels.view(-1))`` (mean over labels != -100, no shift: the decoder inputs are already shifted right).
     ``no_cache``: the model turns its KV cache off when given labels; the wrapper does the same for it."""
-    original = model.forward
+    original = model.forward  # the bound method, or a forward already patched on this instance (which it keeps)
     model_ref = weakref.ref(model)
 
     # functools.wraps keeps the signature: Trainer inspects it for **kwargs, generate() for the accepted kwargs
@@ -306,18 +316,22 @@ def _seq2seq_forward(model, loss: FusedLMLoss, no_cache: bool):
             return (value,) + out
         return type(out)(**{**out, "loss": value})
 
-    setattr(forward, _MARK, loss)
+    setattr(forward, _MARK, model.__dict__.get("forward", _NOTHING))
     return forward
 
 
 def remove_fused_loss(model) -> bool:
     """Undo :func:`apply_fused_loss` on ``model``; returns whether anything was installed."""
     removed = False
-    if getattr(model.__dict__.get("_loss_function"), _MARK, False):
-        del model._loss_function
-        removed = True
-    if getattr(model.__dict__.get("forward"), _MARK, None) is not None:
-        del model.forward
+    for attr in ("_loss_function", "forward"):
+        installed = model.__dict__.get(attr)
+        if installed is None or not hasattr(installed, _MARK):
+            continue
+        previous = getattr(installed, _MARK)
+        if previous is _NOTHING:
+            delattr(model, attr)
+        else:
+            setattr(model, attr, previous)
         removed = True
     return removed
 
