@@ -661,7 +661,6 @@ class DataCollatorForLanguageModeling:
         lengths = list(map(len, rows))
         longest = width = max(lengths)
         stacks = min(lengths) == width and (not self.pad_to_multiple_of or width % self.pad_to_multiple_of == 0)
-        pad = None
         if not stacks:
             if self.tokenizer.pad_token is None:
                 raise ValueError(
@@ -669,8 +668,8 @@ class DataCollatorForLanguageModeling:
                     f"need pad_to_multiple_of={self.pad_to_multiple_of}, but the tokenizer "
                     f"({type(self.tokenizer).__name__}) has no pad token: set `tokenizer.pad_token`"
                 )
-            pad = self.tokenizer.pad_token_id
             width = _round_up(width, self.pad_to_multiple_of)
+        pad = self.tokenizer.pad_token_id  # None only when nothing is padded
         out = pad_shift_mask(
             rows,
             labels="input_ids",
@@ -681,7 +680,6 @@ class DataCollatorForLanguageModeling:
             **_geometry(width, longest),
         )
         input_ids, labels = out["input_ids"], out["labels"]
-        pad = self.tokenizer.pad_token_id
         if pad is not None:
             np.putmask(labels.numpy(), input_ids.numpy() == pad, -100)
         input_ids, labels = input_ids.to(dtype), labels.to(dtype)

@@ -22,8 +22,9 @@ How it runs
 -----------
 The gradient is computed in the forward, by the same kernel that computes the loss (the row was just read, so
 the second sweep that writes the gradient mostly hits L2 on a GPU). ``grad_scale`` (1/num_valid, ...) is a
-device tensor read by the kernel: nothing here syncs with the host, so a training step can be captured in a CUDA
-graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips even
+device tensor read by the kernel: nothing here syncs with the host (except the eager-mode label range check,
+which ``check_labels=False`` / PYSEQPACK_CHECK_LABELS=0 turns off and CUDA-graph capture skips), so a training
+step can be captured in a CUDA graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips even
 that on the device when the factor is exactly 1.0 (the usual ``loss.backward()``).
 
 Backends, one ``torch.library`` op for all of them:
@@ -62,11 +63,10 @@ _LABEL_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("mean", "sum", "none")
 _BACKENDS = ("auto", "cuda", "triton", "torch")
 
-# The torch backend upcasts this many bytes of logits rows to fp32 at a time (its temporaries are a few times
-# that): bounded memory whatever N is. On CPU a chunk that stays in cache makes its several passes cheap; on a
-# GPU each pass is a launch, so chunks are larger.
-TORCH_CHUNK_BYTES_CPU = 2 << 20
-TORCH_CHUNK_BYTES = 128 << 20
+# The torch backend upcasts this many bytes of logits rows to fp32 at a time (its temporaries are about three
+# times that): bounded memory whatever N is, with chunks large enough that per-op overheads (a parallel region
+# on CPU, a launch on a GPU) stay small against the work.
+TORCH_CHUNK_BYTES = 32 << 20
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -97,20 +97,21 @@ def torch_fwd_bwd(
     logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap,
     class_weight=None,
 ):
-    """The row-kernel contract in plain torch, a chunk of rows at a time (``_chunk_rows``).
+    """The row-kernel contract in plain torch, TORCH_CHUNK_BYTES of fp32 rows at a time.
 
     Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd``, plus ``class_weight`` ([V] float, or None):
     torch's weighted formula, used by the ``cross_entropy`` drop-in when class weights meet label smoothing:
         loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
         d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
     Each chunk is upcast once; its gradient is written only after everything it needs was computed, so
-    ``grad is logits`` is safe. Passes per chunk: max+argmax, exp, sum (and mean / x @ w with smoothing), then
-    normalize and scale in place, one write.
+    ``grad is logits`` is safe. Full passes per chunk: argmax, log_softmax (torch's fused kernel), exp and
+    scale in place, one write; the rest are per-row gathers. Few large ops rather than many small ones: each op
+    on CPU is a parallel region, whose start-up dominates small chunks on a busy machine.
     """
     n, v = logits.shape
     eps, z = float(label_smoothing), float(z_loss)
     cap = float(softcap) if softcap is not None and softcap > 0 else None
-    rows = _chunk_rows(v, logits.device)
+    rows = max(1, TORCH_CHUNK_BYTES // (4 * max(v, 1)))  # TORCH_CHUNK_BYTES of fp32 rows per chunk
     w = w_sum = None
     if class_weight is not None:
         w = class_weight.to(torch.float32)
@@ -124,11 +125,11 @@ def torch_fwd_bwd(
         y = labels[r0:r1].long()
         valid = (y != ignore_index) & (y >= 0) & (y < v)
         y0 = torch.where(valid, y, 0)
-        m, arg = x.max(dim=-1)  # the first index of the max, as torch.argmax
-        e = torch.sub(x, m[:, None]).exp_()  # exp(x - max): in (0, 1], no overflow
-        total = e.sum(dim=-1)
-        lse_c = m + total.log()
-        nll = lse_c - x.gather(1, y0[:, None])[:, 0]
+        arg = x.argmax(dim=-1)  # the first index of the max
+        logp = torch.log_softmax(x, dim=-1)
+        # lse = x_j - log p_j for any j; at the argmax both are finite even when the row holds -inf
+        lse_c = (x.gather(1, arg[:, None]) - logp.gather(1, arg[:, None]))[:, 0]
+        nll = -logp.gather(1, y0[:, None])[:, 0]
         if w is None:
             row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - x.mean(-1))
         else:
@@ -147,20 +148,13 @@ def torch_fwd_bwd(
         scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
-        g = e.mul_((a * scale / total)[:, None])  # p = e / total, reusing e's memory
+        g = logp.exp_().mul_((a * scale)[:, None])  # p = exp(log p), in log_softmax's memory
         if eps != 0:
             g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
         g.scatter_add_(1, y0[:, None], -(hot * scale)[:, None])
         if cap is not None:
             g *= t.square_().neg_().add_(1)  # the softcap chain factor 1 - tanh^2, in t's memory
         grad[r0:r1] = g
-
-
-def _chunk_rows(v: int, device: torch.device) -> int:
-    """Rows per chunk of the torch backend: TORCH_CHUNK_BYTES of fp32 (cache-sized on CPU, where the passes over
-    a chunk then hit the cache; large elsewhere, where each pass is a kernel launch)."""
-    budget = TORCH_CHUNK_BYTES_CPU if device.type == "cpu" else TORCH_CHUNK_BYTES
-    return max(1, budget // (4 * max(v, 1)))
 
 
 def torch_scale_grad_(grad, grad_output):
@@ -443,16 +437,17 @@ def _eager() -> bool:
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def _check_label_range(labels: Tensor, v: int, ignore_index: int, name: str, exc=ValueError) -> None:
+def _check_label_range(labels: Tensor, v: int, ignore_index: int, name: str, exc=ValueError,
+                       how_to_skip="pass check_labels=False or set PYSEQPACK_CHECK_LABELS=0") -> None:
     """Labels outside [0, V) that are not ignore_index. One host sync (eager mode only)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
     if bool(bad.any()):
         pos = tuple(int(i) for i in torch.nonzero(bad)[0])
         where = f"{name}[{', '.join(map(str, pos))}]" if pos else name
         raise exc(
-            f"{where} = {int(labels[pos])} is out of range: labels must be in [0, {v}) (V = logits.shape[-1]) "
-            f"or equal ignore_index={ignore_index}. Pass check_labels=False (or set PYSEQPACK_CHECK_LABELS=0) to "
-            "skip this check, which syncs with the host; out-of-range labels are then ignored."
+            f"{where} = {int(labels[pos])} is out of range: class indices must be in [0, {v}) (the size of the "
+            f"last dim of the logits) or equal ignore_index={ignore_index}. This check syncs with the host; to "
+            f"skip it, {how_to_skip} (out-of-range labels then count as ignored)."
         )
 
 
@@ -684,7 +679,7 @@ def cross_entropy(
     t = target.reshape(1) if squeeze else target
     c = x.shape[-1]
     if _eager() and _label_checks_default():
-        _check_label_range(t, c, ignore_index, "target", IndexError)
+        _check_label_range(t, c, ignore_index, "target", IndexError, "set PYSEQPACK_CHECK_LABELS=0")
     valid = (t != ignore_index) & (t >= 0) & (t < c)
     row_weight = class_weight = None
     if weight is None:

@@ -274,7 +274,7 @@ def test_forward_only(backend):
 def test_torch_backend_chunks(monkeypatch):
     """The torch backend works in chunks of rows: a chunk size of 3 rows gives the same results."""
     logits, labels = make_inputs((5, 4), 97, torch.float32, "cpu")
-    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES_CPU", 3 * 97 * 4)
+    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES", 3 * 97 * 4)
     check(*run_both(logits, labels, "torch", label_smoothing=0.1, softcap=3.0), torch.float32)
 
 
