@@ -11,13 +11,13 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
     - pyseqpack.pad_shift_mask, one row per backend that runs on the CPU
     - memcpy of the output bytes                                  (reference: the speed limit)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
-  and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument; its automatic choice
-  (one thread per 2^18 output elements) is one thread at these shapes.
+  (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
+  its automatic choice (one thread per 2^18 output elements) is one thread at these shapes.
 * ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
-  masks), given the row lengths on the host. Default thread counts. On a GPU the goal is well under
-  50 us for the fused kernels.
+  masks), given the row lengths on the host. On a CPU, --cpu-threads threads (1 by default) for torch and
+  for pad_shift_mask. On a GPU the goal is well under 50 us for the fused kernels.
 
 GB/s = output bytes / median (the bytes a collator must write; the inputs are read once too).
 Before timing, every implementation's output is checked against the baseline's, so a fast wrong
@@ -77,14 +77,6 @@ def _backends(device):
 
     # Triton on CPU tensors only runs under the interpreter, which conftest refuses: never timed.
     return [b for b in _native.available_backends(device) if not (device.type == "cpu" and b == "triton")]
-
-
-@pytest.fixture
-def collate_threads(bench_cfg):
-    before = torch.get_num_threads()
-    torch.set_num_threads(bench_cfg.collate_threads)
-    yield bench_cfg.collate_threads
-    torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,28 +159,29 @@ def tokenizer():
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_collate(benchmark, bench_cfg, collate_threads, tokenizer, kind, collate_shape, impl):
+def test_collate(benchmark, bench_cfg, tokenizer, kind, collate_shape, impl):
     batch, lo, hi = collate_shape
     label, role, build = IMPLS[impl]
     lengths = H.random_lengths(batch, lo, hi, seed=SEED + batch)
     features = H.make_seq2seq_features(lengths, kind, seed=SEED)
     benchmark.group = f"collate[{kind}] B={batch} len={lo}-{hi}"
 
-    expected = _hf(features, tokenizer, collate_threads)()
+    threads = bench_cfg.cpu_threads
+    expected = _hf(features, tokenizer, threads)()
     out_bytes = H.output_bytes({k: expected[k] for k in KEYS})
     if build is None:  # memcpy reference: copy a buffer of the output's size
         src = torch.ones(out_bytes, dtype=torch.uint8)
         dst = torch.empty_like(src)
         fn = lambda: dst.copy_(src)  # noqa: E731
     else:
-        fn = build(features, tokenizer, collate_threads)
+        fn = build(features, tokenizer, threads)
         got = fn()
         for k in KEYS:
             assert torch.equal(got[k], expected[k]), f"{label}: {k!r} differs from transformers' output"
 
     info = {"suite": "collate", "impl": label, "role": role, "input": kind, "batch": batch,
             "len_lo": lo, "len_hi": hi, "max_len": max(lengths), "tokens": sum(lengths),
-            "threads": collate_threads, "order": 0 if kind == "list" else 1}
+            "threads": threads, "order": 0 if kind == "list" else 1}
     if impl == "pyseqpack" and kind == "list" and batch == 32:
         info["goal"] = {"kind": "speedup_at_least", "value": 20, "target": 30,
                         "label": "drop-in vs transformers, B=32 list inputs, 1 thread"}
@@ -241,10 +234,11 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
         if backend not in _backends(device):
             pytest.skip(f"pad_shift_mask backend {backend!r} is not available on {device}")
         op = _pyseqpack("pad_shift_mask")
+        kw = _thread_kwargs(op, bench_cfg.cpu_threads) if device.type == "cpu" else {}
 
         def fn():
             return op(flat, offsets=offsets, labels="input_ids", pad_token_id=H.PAD_ID, padding="max_length",
-                      max_length=length, return_position_ids=True, return_shift_labels=True, backend=backend)
+                      max_length=length, return_position_ids=True, return_shift_labels=True, backend=backend, **kw)
 
         label, role = f"pyseqpack pad_shift_mask[{backend}]", H.OURS
         got = fn()
@@ -252,7 +246,8 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
             assert torch.equal(got[k], v), f"{label}: {k!r} differs from the torch-ops output"
 
     info = {"suite": "collate", "impl": label, "role": role, "input": f"flat-{device.type}", "batch": batch,
-            "len_lo": lo, "len_hi": hi, "max_len": length, "tokens": sum(lengths), "order": 2}
+            "len_lo": lo, "len_hi": hi, "max_len": length, "tokens": sum(lengths), "order": 2,
+            "threads": bench_cfg.cpu_threads if device.type == "cpu" else None}
     if device.type == "cuda" and impl in ("psm-cuda", "psm-triton"):
         info["goal"] = {"kind": "median_below_us", "value": 50, "label": f"flat-buffer kernel B={batch} x {length}"}
     H.measure(benchmark, fn, bench_cfg, nbytes=H.output_bytes(expected), info=info)

@@ -16,8 +16,11 @@ loss.backward()``. GB/s counts one read of the logits and one write of their gra
 size: the traffic a fused kernel cannot avoid (the eager path moves several times that). Peak memory (CUDA)
 is what the step allocates above the live logits and labels.
 
+On a CPU (small shapes only) torch runs with --cpu-threads threads (1 by default); there pyseqpack has only
+its torch backend (the fused kernels are CUDA / Triton).
+
 Before timing, each implementation's loss, accuracy and gradient are compared with the eager baseline on a
-copy of the inputs, so a wrong result fails instead of being reported.
+copy of the first rows of the inputs, so a wrong result fails instead of being reported.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ SHAPES = {
         "smoke": [(256, 1000), (256, 4099)],
     },
     "cpu": {
-        "full": [(512, 32000), (2048, 32000), (512, 128256), (512, 151936)],
+        "full": [(512, 32000), (2048, 32000), (512, 128256)],
         "quick": [(512, 32000), (512, 128256)],
         "smoke": [(32, 1000), (32, 4099)],
     },
@@ -83,6 +86,9 @@ def _compiled(with_acc):
     def build(device):
         if device.type == "cuda":
             pytest.importorskip("triton", reason="torch.compile on CUDA needs triton")
+        # Every case compiles afresh (two shapes: the check's slice and the timed one); without the reset the
+        # cases' graphs pile up on _eager_step and hit dynamo's recompile limit.
+        torch._dynamo.reset()
         return torch.compile(functools.partial(_eager_step, with_acc=with_acc), dynamic=False, fullgraph=True)
 
     return build
@@ -210,7 +216,8 @@ def test_cross_entropy(benchmark, bench_cfg, ce_case, impl):
 
         info = {"suite": "ce", "impl": label, "role": role, "tokens": n, "vocab": v, "dtype": dt,
                 "accuracy": not impl.endswith("loss-only")}
-        H.measure(benchmark, run, bench_cfg, nbytes=2 * n * v * logits.element_size(), info=info)
+        H.measure(benchmark, run, bench_cfg, nbytes=2 * n * v * logits.element_size(), info=info,
+                  reset=lambda: setattr(logits, "grad", None))
     except torch.cuda.OutOfMemoryError as e:
         oom = str(e).splitlines()[0]
     if oom is not None:

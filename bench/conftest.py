@@ -4,7 +4,7 @@ Options (``python -m pyseqpack bench`` passes them; plain ``pytest bench/...`` w
   --bench-mode full|quick|smoke   shapes and time budget (smoke: tiny shapes, checks the harness only)
   --bench-device cpu|cuda         device of the device benchmarks (default: cuda when available)
   --cold-l2                       flush the caches (untimed) before every timed round
-  --collate-threads N             torch (and native) threads of the CPU collation benchmarks (default 1)
+  --cpu-threads N                 torch (and pyseqpack native) threads of the CPU benchmarks (default 1)
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-device", choices=["cpu", "cuda"], default=None,
                 help="device of the device benchmarks (default: cuda when available)")
     g.addoption("--cold-l2", action="store_true", help="flush the caches before every timed round")
-    g.addoption("--collate-threads", type=int, default=1,
-                help="torch/native threads of the CPU collation benchmarks (default 1: the headline)")
+    g.addoption("--cpu-threads", type=int, default=1,
+                help="torch/native threads of the CPU benchmarks (default 1: a DataLoader worker's share, and "
+                     "robust against other load on the machine)")
 
 
 def _device(config) -> torch.device:
@@ -41,8 +42,8 @@ def pytest_configure(config):
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter runs Triton kernels as numpy loops: timing them measures nothing.
         raise pytest.UsageError("unset TRITON_INTERPRET before running the benchmarks (it is for tests only)")
-    if config.getoption("--collate-threads") < 1:
-        raise pytest.UsageError("--collate-threads must be >= 1")
+    if config.getoption("--cpu-threads") < 1:
+        raise pytest.UsageError("--cpu-threads must be >= 1")
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +52,17 @@ def bench_cfg(pytestconfig) -> BenchConfig:
         device=_device(pytestconfig),
         mode=pytestconfig.getoption("--bench-mode"),
         cold_l2=pytestconfig.getoption("--cold-l2"),
-        collate_threads=pytestconfig.getoption("--collate-threads"),
+        cpu_threads=pytestconfig.getoption("--cpu-threads"),
     )
+
+
+@pytest.fixture(autouse=True)
+def _cpu_threads(bench_cfg):
+    """Every benchmark runs with --cpu-threads torch threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(bench_cfg.cpu_threads)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -66,7 +76,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "label": os.environ.get("PYSEQPACK_BENCH_LABEL"),
         "mode": config.getoption("--bench-mode"),
         "cold_l2": config.getoption("--cold-l2"),
-        "collate_threads": config.getoption("--collate-threads"),
+        "cpu_threads": config.getoption("--cpu-threads"),
         "load_average_start": config._pyseqpack_load_start,
     })
     output_json["pyseqpack"] = meta

@@ -33,7 +33,7 @@ class BenchConfig:
     device: torch.device
     mode: str  # "full" | "quick" | "smoke"
     cold_l2: bool
-    collate_threads: int
+    cpu_threads: int  # torch (and our native) threads of every CPU benchmark
 
     @property
     def time_budget_s(self) -> float:
@@ -65,10 +65,15 @@ class _CacheFlusher:
         synchronize(self.device)
 
 
-def _peak_memory_bytes(fn, device: torch.device):
-    """Peak CUDA memory one call allocates beyond what is live before it (None off CUDA: not measured)."""
+def _peak_memory_bytes(fn, device: torch.device, reset):
+    """Peak CUDA memory one call allocates beyond what is live before it (None off CUDA: not measured).
+
+    ``reset()`` first frees what the previous call left behind (e.g. a gradient), so that it is counted.
+    """
     if device.type != "cuda":
         return None
+    if reset is not None:
+        reset()
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -77,11 +82,12 @@ def _peak_memory_bytes(fn, device: torch.device):
     return int(torch.cuda.max_memory_allocated(device) - before)
 
 
-def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict):
+def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict, reset=None):
     """Time ``fn()`` with pytest-benchmark and record bytes, GB/s and peak memory in extra_info.
 
     nbytes: the bytes one call must move at minimum (the report's GB/s is ``nbytes / median``).
     info:   suite, impl, role and shape fields, copied into ``benchmark.extra_info``.
+    reset:  optional, frees what a call leaves alive (untimed, before the peak-memory call).
     Returns what the last call of ``fn`` returned.
     """
     device = cfg.device
@@ -92,7 +98,7 @@ def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict):
         return out
 
     timed()  # first call: compilation, JIT, allocator warm-up
-    peak = _peak_memory_bytes(fn, device)
+    peak = _peak_memory_bytes(fn, device, reset)
     t0 = time.perf_counter()
     timed()
     one = max(time.perf_counter() - t0, 1e-7)

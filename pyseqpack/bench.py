@@ -87,7 +87,7 @@ def environment(device=None) -> dict:
         "device_kind": kind,
         "device_slug": slug,
         "cpu": cpu,
-        "torch_threads": torch.get_num_threads(),
+        "torch_default_threads": torch.get_num_threads(),
         # Other work on the machine skews CPU timings: the 1/5/15-minute load averages when this was written.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
@@ -199,8 +199,7 @@ def render_markdown(summary: dict, plot_name=None) -> str:
     if meta.get("pytest_command"):
         lines.append(f"- pytest command: `{meta['pytest_command']}`")
     lines.append(f"- mode: {meta.get('mode', '?')}, cold L2: {meta.get('cold_l2', '?')}, "
-                 f"torch threads: {meta.get('torch_threads', '?')}, "
-                 f"CPU collation threads: {meta.get('collate_threads', '?')}")
+                 f"CPU threads of the benchmarks: {meta.get('cpu_threads', '?')}")
     for key, when in (("load_average_start", "start"), ("load_average", "end")):
         if meta.get(key):
             lines.append(f"- load average at the {when} (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in meta[key]))
@@ -347,6 +346,8 @@ def _parser():
     p.add_argument("--device", choices=["cpu", "cuda"],
                    help="device of the device benchmarks (default: cuda if available)")
     p.add_argument("--cold-l2", action="store_true", help="flush the caches before every timed round")
+    p.add_argument("--cpu-threads", type=int, default=1,
+                   help="torch / native threads of the CPU benchmarks (default 1: one DataLoader worker's share)")
     p.add_argument("--label", help='machine description for the reports, e.g. "CPU-only dev box, 2 cores"')
     p.add_argument("--from-json", type=Path, help="only re-render reports from an existing benchmark.json")
     return p
@@ -380,6 +381,8 @@ def _run(args, extra, command) -> int:
 
     import torch
 
+    if args.cpu_threads < 1:
+        raise BenchError(f"--cpu-threads must be >= 1, got {args.cpu_threads}")
     bench_dir = find_bench_dir(args.bench_dir)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda: torch sees no CUDA device here")
@@ -399,6 +402,7 @@ def _run(args, extra, command) -> int:
            "--benchmark-columns=median,iqr,rounds", f"--bench-mode={mode}", f"--bench-device={device}"]
     if args.cold_l2:
         cmd.append("--cold-l2")
+    cmd.append(f"--cpu-threads={args.cpu_threads}")
     cmd += extra
     child_env = dict(os.environ)
     # Under TRITON_INTERPRET=1 Triton would "run" on CPU tensors through its interpreter: timings of that

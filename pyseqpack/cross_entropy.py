@@ -148,13 +148,18 @@ def torch_fwd_bwd(
         scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
-        g = logp.exp_().mul_((a * scale)[:, None])  # p = exp(log p), in log_softmax's memory
+        # p = exp(log p): straight into an fp32 gradient (x is not read any more, so this is safe even when
+        # grad is the logits), else in log_softmax's memory and converted once at the end
+        out = grad[r0:r1]
+        g = torch.exp(logp, out=out) if out.dtype == torch.float32 else logp.exp_()
+        g.mul_((a * scale)[:, None])
         if eps != 0:
             g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
         g.scatter_add_(1, y0[:, None], -(hot * scale)[:, None])
         if cap is not None:
             g *= t.square_().neg_().add_(1)  # the softcap chain factor 1 - tanh^2, in t's memory
-        grad[r0:r1] = g
+        if g is not out:
+            out.copy_(g)
 
 
 def torch_scale_grad_(grad, grad_output):
@@ -395,6 +400,9 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[10]
     ctx.save_for_backward(output[3], inputs[3])
     ctx.mark_non_differentiable(output[1], output[2], output[3])
+    # Without this, autograd hands backward a materialized N x V tensor of zeros for the (unused) gradient
+    # output: a full extra write of the logits' size in every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, g_lse, g_correct, g_grad):
@@ -418,6 +426,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.backend = backend
         ctx.save_for_backward(logits, row_weight)  # logits now hold the gradient
         ctx.mark_non_differentiable(lse, correct)
+        ctx.set_materialize_grads(False)
         return loss, lse, correct
 
     @staticmethod

@@ -242,17 +242,20 @@ def test_shift_does_not_touch_inputs(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_first_index_ties(backend):
-    """bf16 logits with tied maxima: argmax is the first index (torch.argmax), within a chunk and across chunks
-    (columns 100 and 9000 sit in different chunks of at most 4096 columns), and for an all-equal row."""
+    """bf16 logits with tied maxima: argmax is the first index (torch.argmax), within a chunk, across chunks of
+    the Triton kernel (columns 100 and BLOCK + 100), and for an all-equal row."""
+    from pyseqpack.kernels.cross_entropy import fwd_bwd_config
+
     v = 20000
+    far = fwd_bwd_config(v)[0] + 100
     logits = torch.zeros(4, v, dtype=torch.bfloat16)
     logits[0, [3, 10]] = 5.0  # tie inside one chunk
-    logits[1, [100, 9000]] = 5.0  # tie across chunks
-    logits[2, [9000, 100]] = 5.0
+    logits[1, [100, far]] = 5.0  # tie across chunks
+    logits[2, [far, 100]] = 5.0
     # row 3: all equal -> argmax 0
     logits = logits.to(device_for(backend))
     first = torch.tensor([3, 100, 100, 0], device=logits.device)
-    second = torch.tensor([10, 9000, 9000, 1], device=logits.device)
+    second = torch.tensor([10, far, far, 1], device=logits.device)
     assert torch.equal(logits.float().argmax(-1), first)
     assert int(fused_cross_entropy(logits, first, backend=backend).num_correct) == 4
     assert int(fused_cross_entropy(logits, second, backend=backend).num_correct) == 0
