@@ -145,7 +145,7 @@ def torch_fwd_bwd(
         # g = p * a - b - hot * onehot(y) (- eps / V * w with class weights), per row:
         #   a = 1 + 2 z lse (unweighted) or (1 - eps) w[y] + eps / V * sum(w) + 2 z lse,  b = eps / V or 0,
         #   hot = 1 - eps or (1 - eps) w[y]; everything times grad_scale, and 0 on ignored rows.
-        scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
+        scale = grad_scale.expand_as(lse_c)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
         # p = exp(log p): straight into an fp32 gradient (x is not read any more, so this is safe even when
