@@ -22,10 +22,10 @@ How it runs
 -----------
 The gradient is computed in the forward, by the same kernel that computes the loss (the row was just read, so
 the second sweep that writes the gradient mostly hits L2 on a GPU). ``grad_scale`` (1/num_valid, ...) is a
-device tensor read by the kernel: nothing here syncs with the host (except the eager-mode label range check,
-which ``check_labels=False`` / PYSEQPACK_CHECK_LABELS=0 turns off and CUDA-graph capture skips), so a training
-step can be captured in a CUDA graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips even
-that on the device when the factor is exactly 1.0 (the usual ``loss.backward()``).
+device tensor read by the kernel: nothing here syncs with the host (on a GPU the eager-mode label range check
+is a device-side assert; only an explicit ``check_labels=True`` syncs), so a training step can be captured in a
+CUDA graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips
+even that on the device when the factor is exactly 1.0 (the usual ``loss.backward()``).
 
 Backends, one ``torch.library`` op for all of them:
 * "cuda"   ``pyseqpack.cross_entropy_cuda`` (csrc/cross_entropy.cu; needs the library built with nvcc)
@@ -145,7 +145,7 @@ def torch_fwd_bwd(
         # g = p * a - b - hot * onehot(y) (- eps / V * w with class weights), per row:
         #   a = 1 + 2 z lse (unweighted) or (1 - eps) w[y] + eps / V * sum(w) + 2 z lse,  b = eps / V or 0,
         #   hot = 1 - eps or (1 - eps) w[y]; everything times grad_scale, and 0 on ignored rows.
-        scale = grad_scale.expand_as(lse_c)  # exact zeros for ignored rows, whatever grad_scale is
+        scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
         # p = exp(log p): straight into an fp32 gradient (x is not read any more, so this is safe even when
@@ -447,9 +447,20 @@ def _eager() -> bool:
 
 
 def _check_label_range(labels: Tensor, v: int, ignore_index: int, name: str, exc=ValueError,
-                       how_to_skip="pass check_labels=False or set PYSEQPACK_CHECK_LABELS=0") -> None:
-    """Labels outside [0, V) that are not ignore_index. One host sync (eager mode only)."""
+                       how_to_skip="pass check_labels=False or set PYSEQPACK_CHECK_LABELS=0",
+                       sync: bool = False) -> None:
+    """Labels outside [0, V) that are not ignore_index (eager mode only).
+
+    On the CPU, or with sync=True (``check_labels=True``), a host-side check raises `exc` naming the first bad
+    position. On a GPU by default the check stays on the device (``torch._assert_async``, no host sync, as
+    torch's own cross_entropy): a bad label fails the step with a device-side assert instead.
+    """
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if labels.device.type != "cpu" and not sync:
+        torch._assert_async(
+            ~bad.any(), f"{name}: a class index is outside [0, {v}) and is not ignore_index={ignore_index}"
+        )
+        return
     if bool(bad.any()):
         pos = tuple(int(i) for i in torch.nonzero(bad)[0])
         where = f"{name}[{', '.join(map(str, pos))}]" if pos else name
@@ -595,8 +606,10 @@ def fused_cross_entropy(
             protected. Refused for leaf tensors, views of leaves, and overlapping (expanded) logits. Only has an
             effect when a gradient is computed (grad enabled and logits.requires_grad).
         backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
-        check_labels: validate in eager mode that every label is in [0, V) or ignore_index (one host sync).
-            None: on unless the environment sets PYSEQPACK_CHECK_LABELS=0. Skipped under torch.compile and CUDA
+        check_labels: validate in eager mode that every label is in [0, V) or ignore_index. None (default):
+            on unless the environment sets PYSEQPACK_CHECK_LABELS=0; on CPU tensors it raises ValueError naming
+            the position, on a GPU it is a device-side assert (no host sync). True: the host-side check with the
+            message on any device (one host sync). Skipped under torch.compile and CUDA
             graph capture; unchecked out-of-range labels are treated as ignored.
 
     Returns:
@@ -612,7 +625,8 @@ def fused_cross_entropy(
     if shift:
         labels = _shift_labels(labels, ignore_index)
     if eager and (_label_checks_default() if check_labels is None else check_labels):
-        _check_label_range(labels, v, ignore_index, "labels (after shift)" if shift else "labels")
+        _check_label_range(labels, v, ignore_index, "labels (after shift)" if shift else "labels",
+                           sync=check_labels is True)
     dev = logits.device
     valid = (labels != ignore_index) & (labels >= 0) & (labels < v)
     num_tokens = valid.sum()

@@ -205,6 +205,7 @@ def test_module_matches_torch(ctor, auto_backend):
 
 
 def test_public_module_names():
+    assert pyseqpack.cross_entropy is cross_entropy  # the function, not the submodule of the same name
     assert pyseqpack.CrossEntropyLoss is CrossEntropyLoss
     assert pyseqpack.FusedCrossEntropyLoss is FusedCrossEntropyLoss
 
