@@ -25,7 +25,6 @@ result fails the benchmark instead of being reported.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import numpy as np
@@ -49,18 +48,13 @@ SEED = 1234
 
 
 def _pyseqpack(name):
-    """A public pyseqpack name, read from the submodule that defines it, or skip this case saying why.
-
-    (Not ``getattr(pyseqpack, name)``: once ``pyseqpack.pad_shift_mask`` the submodule is imported, the
-    package attribute of that name is the submodule, not the function.)
-    """
+    """A public pyseqpack name, or skip this case saying why it is unavailable."""
     import pyseqpack
 
-    where = f"pyseqpack.{pyseqpack._EXPORTS[name]}"
     try:
-        return getattr(importlib.import_module(where), name)
+        return getattr(pyseqpack, name)
     except (AttributeError, ImportError) as e:
-        pytest.skip(f"{where}.{name} is unavailable: {type(e).__name__}: {e}")
+        pytest.skip(f"pyseqpack.{name} is unavailable: {type(e).__name__}: {e}")
 
 
 def _thread_kwargs(fn, threads):

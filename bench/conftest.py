@@ -80,6 +80,9 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "load_average_start": config._pyseqpack_load_start,
     })
     output_json["pyseqpack"] = meta
+    # Every round's time would make the file megabytes; the statistics (min, median, IQR, ...) stay.
+    for bench in output_json["benchmarks"]:
+        bench["stats"].pop("data", None)
 
 
 def pytest_terminal_summary(terminalreporter, config):

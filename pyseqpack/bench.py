@@ -244,57 +244,71 @@ _ROLE_ORDER = {"baseline": 0, "ours": 1, "other": 2, "reference": 3}
 
 
 def _row_order(r):
-    return (r["info"].get("order", 0), r["group"], _ROLE_ORDER.get(r["role"], 9), r["impl"])
+    """Groups by kind, then by size (longest row; tokens, then vocab), then baseline first."""
+    i = r["info"]
+    return (i.get("order", 0), i.get("max_len", 0), i.get("tokens", 0), i.get("vocab", 0), r["group"],
+            _ROLE_ORDER.get(r["role"], 9), r["impl"])
 
 
 def plot(summary: dict, path) -> bool:
-    """Speedup over the baseline against sequence length (collate) and vocab size (ce). False if no data."""
+    """Speedup over the baseline against sequence length (collate) and vocab size (ce). False if no data.
+
+    One line per implementation and variant (input kind; tokens and dtype): the colour is the implementation,
+    the line style and marker the variant.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = []
-    for suite, xkey, xlabel, series_keys in (
-        ("collate", "max_len", "longest row in the batch (tokens)", ("impl", "input")),
-        ("ce", "vocab", "vocabulary size V", ("impl", "tokens", "dtype")),
+    for suite, xkey, xlabel, variant_keys in (
+        ("collate", "len_hi", "sequence length: rows drawn uniformly up to this many tokens", ("input",)),
+        ("ce", "vocab", "vocabulary size V", ("tokens", "dtype")),
     ):
         lines = {}
         for r in summary["rows"]:
-            if r["suite"] != suite or r["role"] in ("baseline", "reference") or r["speedup"] is None:
-                continue
             x = r["info"].get(xkey)
-            if x is None:
+            if r["suite"] != suite or r["role"] in ("baseline", "reference") or r["speedup"] is None or x is None:
                 continue
-            label = " ".join(f"{r['info'][k]}" if k == "impl" else f"{k}={r['info'].get(k)}"
-                             for k in series_keys if k == "impl" or r["info"].get(k) is not None)
-            lines.setdefault(label, []).append((x, r["speedup"]))
+            variant = ", ".join(f"{k}={r['info'][k]}" for k in variant_keys if r["info"].get(k) is not None)
+            lines.setdefault((r["impl"], variant), []).append((x, r["speedup"]))
         if lines:
             panels.append((suite, xlabel, lines))
     if not panels:
         return False
     meta = summary["meta"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 5.5), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 3)), "P")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), squeeze=False)
     for ax, (suite, xlabel, lines) in zip(axes[0], panels):
-        for label, pts in sorted(lines.items()):
+        impls = sorted({impl for impl, _ in lines})
+        variants = sorted({variant for _, variant in lines})
+        for (impl, variant), pts in sorted(lines.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ls, marker = styles[variants.index(variant) % len(styles)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker,
+                    color=colors[impls.index(impl) % len(colors)], label=f"{impl} ({variant})" if variant else impl)
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        xs = sorted({p[0] for pts in lines.values() for p in pts})
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("speedup over baseline (x)")
+        ax.set_ylabel("speedup over the baseline (median time ratio)")
         base = sorted({r["baseline"] for r in summary["rows"] if r["suite"] == suite and r["baseline"]})
         ax.set_title(f"{suite}: baseline = {'; '.join(base)}", fontsize=8)
-        ax.legend(fontsize=6)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+        ax.grid(True, which="major", alpha=0.3)
     fig.suptitle(f"pyseqpack, {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')}\n"
                  f"{meta.get('command', '')}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
