@@ -203,12 +203,15 @@ def test_triton_kernels_compile_for_gpu(arch):
     import os
     import subprocess
     import sys
+    import tempfile
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # cwd outside the checkout: `python -c` puts the cwd first on sys.path, and the source tree's pyseqpack/
+    # (no compiled modules, no pyseqpack.kernels) would shadow the installed package.
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(arch)], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          timeout=300, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[-1] == "scale_grad ok" and len(lines) == 3, proc.stdout
