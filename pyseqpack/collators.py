@@ -342,6 +342,19 @@ def _first_example(features, error):
     return first
 
 
+def _split_labels(features, return_tensors, default_return_tensors):
+    """The opening of the label-taking drop-ins (Seq2Seq, TokenClassification), as transformers does it: the
+    return type (the call's, else the collator's), the feature columns, and the label column popped from them.
+    The label key is "label" when the first example has it, else "labels".
+    Returns (return_tensors, cols, label_name, labels or None)."""
+    return_tensors = default_return_tensors if return_tensors is None else return_tensors
+    _check_return_tensors(return_tensors)
+    first = _first_example(features, AttributeError)
+    label_name = "label" if "label" in first else "labels"
+    cols = _gather(features, first.keys())
+    return return_tensors, cols, label_name, cols.pop(label_name, None)
+
+
 def _label_lengths(labels, name: str, error=TypeError):
     """Lengths of the label rows; a None row among given labels raises `error` (the type transformers raises
     there: TypeError, but ValueError where its numpy concatenation meets the None first)."""
@@ -482,12 +495,7 @@ class DataCollatorForSeq2Seq:
         return self._rule
 
     def __call__(self, features, return_tensors=None):
-        return_tensors = self.return_tensors if return_tensors is None else return_tensors
-        _check_return_tensors(return_tensors)
-        first = _first_example(features, AttributeError)
-        label_name = "label" if "label" in first else "labels"
-        cols = _gather(features, first.keys())
-        labels = cols.pop(label_name, None)
+        return_tensors, cols, label_name, labels = _split_labels(features, return_tensors, self.return_tensors)
         if labels is not None and all(row is None for row in labels):
             labels = None
         batch = _Batch(self.tokenizer, cols, self.padding, self.max_length, self.pad_to_multiple_of)
@@ -573,12 +581,7 @@ class DataCollatorForTokenClassification:
     return_tensors: str = "pt"
 
     def __call__(self, features, return_tensors=None):
-        return_tensors = self.return_tensors if return_tensors is None else return_tensors
-        _check_return_tensors(return_tensors)
-        first = _first_example(features, AttributeError)
-        label_name = "label" if "label" in first else "labels"
-        cols = _gather(features, first.keys())
-        labels = cols.pop(label_name, None)
+        return_tensors, cols, label_name, labels = _split_labels(features, return_tensors, self.return_tensors)
         batch = _Batch(self.tokenizer, cols, self.padding, self.max_length, self.pad_to_multiple_of)
         if labels is None:
             return _batch_encoding(batch.assemble(batch.run(), return_tensors))
