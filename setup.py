@@ -90,6 +90,15 @@ class BuildExt(build_ext):
             return
         super().build_extension(ext)
 
+    def copy_extensions_to_source(self):
+        # Editable installs copy each built module into the source tree: a skipped CUDA build has none to copy.
+        everything = self.extensions
+        self.extensions = [e for e in everything if e.name != "pyseqpack._cuda" or self.built_cuda]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = everything
+
     def _build_cuda(self, ext, nvcc):
         archs = [a.strip().replace(".", "") for a in os.environ.get("PYSEQPACK_CUDA_ARCH", "80;90").replace(",", ";").split(";") if a.strip()]
         gencode = []

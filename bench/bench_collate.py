@@ -231,8 +231,10 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
         kw = _thread_kwargs(op, bench_cfg.cpu_threads) if device.type == "cpu" else {}
 
         def fn():
+            # Offsets on the device with padding="max_length" and truncation: no host sync, one launch.
             return op(flat, offsets=offsets, labels="input_ids", pad_token_id=H.PAD_ID, padding="max_length",
-                      max_length=length, return_position_ids=True, return_shift_labels=True, backend=backend, **kw)
+                      max_length=length, truncation=True, return_position_ids=True, return_shift_labels=True,
+                      backend=backend, **kw)
 
         label, role = f"pyseqpack pad_shift_mask[{backend}]", H.OURS
         got = fn()

@@ -5,41 +5,56 @@
 // kernel compile the very same lines. The Triton kernel (kernels/pad_shift_mask.py) mirrors them.
 //
 // ---------------------------------------------------------------------------------------------------------
-// THE ROW PLAN (the contract between the Python planner and every kernel)
+// THE ROW PLAN
 //
-// Python computes, once per batch, an int64 array plan[B][kPlanStride] (C-contiguous), one row per example:
+// Every kernel derives, per example b, a Row (below) from where the example's values lie in their buffers
+// and a few per-batch options, with plan_row(): the same lines on the CPU (csrc/pad_shift_mask_cpu.cpp, tested
+// in CI) and on CUDA; the Triton kernel mirrors them. No plan array crosses the Python/kernel boundary, so a
+// device launch needs no planning ops before it: only the offsets.
 //
-//   [kTokSrc]    index, in the token buffer, of the first KEPT token (after truncation)
-//   [kTokKept]   number of kept tokens (0 <= kept <= L)
-//   [kTokCol]    output column of the first kept token: 0 for right padding, L - kept for left padding
-//   [kLabelFrom] derived labels: kept index from which labels keep their token; kept indices below it
-//                (the prompt, after truncation) become label_pad_token_id.  = clamp(prompt_len - cut, 0, kept)
-//   [kLossFrom]  verl loss_mask: kept index from which the mask may be 1.  = clamp(prompt_len - 1 - cut, 0, kept)
-//   [kLabSrc]    separate labels: index, in the label buffer, of the first kept label
-//   [kLabKept]   separate labels: number of kept labels (0 <= lab_kept <= Ll)
-//   [kLabCol]    separate labels: output column of the first kept label (0, or Ll - lab_kept)
+// Inputs of plan_row for example b:
+//   tok_start, tok_end   its tokens are tokens[tok_start .. tok_end)   (offsets[b], offsets[b + 1]; a row
+//                        sequence is its own buffer: 0, len(row))
+//   lab_start, lab_end   separate labels (kGivenLabels): labels[lab_start .. lab_end)
+//   prompt_len           has_prompt: tokens of ORIGINAL index < prompt_len are the prompt
+//   Layout               L, Ll (output widths), max_length (< 0: no truncation), trunc_left, pad_left
 //
+// The Row it returns:
+//   tok_src    index, in the token buffer, of the first KEPT token (after truncation)
+//   tok_kept   number of kept tokens: min(n, max_length) under truncation, else n (n = tok_end - tok_start)
+//   tok_col    output column of the first kept token: 0 for right padding, L - kept for left padding
+//   label_from derived labels: kept index from which labels keep their token; kept indices below it (the
+//              prompt, after truncation) become label_pad_token_id.  = clamp(prompt_len - cut, 0, kept)
+//   loss_from  verl loss_mask: kept index from which the mask may be 1.  = clamp(prompt_len - 1 - cut, 0, kept)
+//   lab_src, lab_kept, lab_col   the same three for separate labels (padded to Ll); with derived labels
+//              they repeat the tok_* ones and are unused
 // where `cut` is the number of tokens truncation removed from the LEFT of the example (0 for right
-// truncation), so "kept index" k = original index - cut. With derived labels (labels = input_ids) the kLab*
-// fields repeat the kTok* ones and are unused.
+// truncation), so "kept index" k = original index - cut.
+//
+// Truncation is idempotent: a buffer that already holds only the kept values (what the host packs before a
+// copy to the GPU) plans to the same Row with cut = 0, so only prompt_len must then be given as
+// prompt_len - cut (the caller's job).
 //
 // Buffers, all 1-D and indexed with int64:
-//   tokens      the token ids; example b's kept tokens are tokens[kTokSrc .. kTokSrc + kTokKept)
+//   tokens      the token ids; example b's kept tokens are tokens[tok_src .. tok_src + tok_kept)
 //   loss_masks  optional, aligned with tokens (same indices): 0 drops a token from the derived labels
 //   extras      optional, aligned with tokens: padded exactly like input_ids, each with its own pad value
-//   labels      optional separate labels, with their own indices (kLabSrc, kLabKept, kLabCol)
-// Every kernel takes row pointers `buffer + plan[b][kTokSrc]` (or kLabSrc) and reads element k only for
-// 0 <= k < kept, so it never reads the tokens that truncation dropped. A device kernel that cannot trust
-// its plan (offsets that live on the device are not value-checked, that would need a host sync) must also
-// mask each load with 0 <= src + k < buffer length; the Triton kernel does.
+//   labels      optional separate labels, with their own offsets (lab_src, lab_kept, lab_col)
+// Every kernel takes row pointers `buffer + row.tok_src` (or lab_src) and reads element k only for
+// 0 <= k < kept, so it never reads the tokens that truncation dropped. plan_row() is total (any int64
+// inputs, no overflow), but a device kernel cannot trust offsets that live on the device (checking them
+// would need a host sync): it must also keep every load inside its buffer. Both device kernels write a row
+// whose window leaves its buffer as an empty row (all padding), so CUDA and Triton agree on bad offsets.
 //
 // Outputs, C-contiguous: [B, L] input_ids, attention_mask, position_ids, loss_mask, extras; [B, Ll] labels,
 // shift_labels, decoder_input_ids (Ll = L for derived labels). Element (b, j) of each is a closed-form
-// function of plan[b] and the buffers, below: one thread (or one SIMD lane) per element, no scan, no sync.
+// function of the example's Row and the buffers, below: one thread (or one SIMD lane) per element, no
+// scan, no sync.
 //
 // Modes: kPadded is the only mode built. kPacked is reserved for padding-free packing (one output row,
-// cu_seqlens, position ids restarting per example): there the plan keeps its layout, kTokCol becomes the
-// example's start column in the single row and position_id's clamp bounds become per-example.
+// cu_seqlens, position ids restarting per example): there Row keeps its fields, tok_col becomes the
+// example's start column in the single row (the packed offsets) and position_id's clamp bounds become
+// per-example.
 // ---------------------------------------------------------------------------------------------------------
 #pragma once
 
@@ -58,18 +73,6 @@ enum Mode : int32_t { kPadded = 0, kPacked = 1 /* reserved, not built */ };
 // What the "labels" output is made of.
 enum LabelsKind : int32_t { kNoLabels = 0, kDerivedLabels = 1, kGivenLabels = 2 };
 
-enum PlanField : int32_t {
-  kTokSrc = 0,
-  kTokKept = 1,
-  kTokCol = 2,
-  kLabelFrom = 3,
-  kLossFrom = 4,
-  kLabSrc = 5,
-  kLabKept = 6,
-  kLabCol = 7,
-  kPlanStride = 8,
-};
-
 // The value transformers' decoder shift replaces by pad_token_id (a literal -100, whatever
 // label_pad_token_id is: that is what T5/BART's shift does).
 constexpr int64_t kIgnoreLabel = -100;
@@ -78,9 +81,57 @@ struct Row {
   int64_t tok_src, tok_kept, tok_col, label_from, loss_from, lab_src, lab_kept, lab_col;
 };
 
-PSM_HD Row load_row(const int64_t* plan, int64_t b) {
-  const int64_t* p = plan + b * kPlanStride;
-  return Row{p[kTokSrc], p[kTokKept], p[kTokCol], p[kLabelFrom], p[kLossFrom], p[kLabSrc], p[kLabKept], p[kLabCol]};
+// Per-batch planning options.
+struct Layout {
+  int64_t L, Ll;        // widths of the [B, L] and [B, Ll] outputs
+  int64_t max_length;   // < 0: no truncation
+  int32_t trunc_left;   // truncation removes values from the left (keeps the last max_length)
+  int32_t pad_left;     // padding goes on the left
+};
+
+// end - start as a count: 0 when end < start, saturated at INT64_MAX (never overflows, for any inputs).
+PSM_HD int64_t span(int64_t start, int64_t end) {
+  if (end <= start) return 0;
+  const uint64_t d = static_cast<uint64_t>(end) - static_cast<uint64_t>(start);
+  return d > static_cast<uint64_t>(INT64_MAX) ? INT64_MAX : static_cast<int64_t>(d);
+}
+
+// Values kept of n under truncation to max_length (< 0: none).
+PSM_HD int64_t kept_count(int64_t n, int64_t max_length) {
+  return (max_length >= 0 && n > max_length) ? max_length : n;
+}
+
+// Where one field's kept values start (src) and which output column they start at (col), for `width` columns.
+PSM_HD void place(int64_t start, int64_t n, int64_t kept, int64_t width, const Layout& lay, int64_t* src,
+                  int64_t* col) {
+  *src = start + (lay.trunc_left ? n - kept : 0);  // <= start + n: no overflow
+  *col = lay.pad_left ? width - kept : 0;
+}
+
+// The Row of one example (see THE ROW PLAN above).
+PSM_HD Row plan_row(int64_t tok_start, int64_t tok_end, int64_t lab_start, int64_t lab_end, int32_t kind,
+                    bool has_prompt, int64_t prompt_len, const Layout& lay) {
+  Row r{};
+  const int64_t n = span(tok_start, tok_end);
+  r.tok_kept = kept_count(n, lay.max_length);
+  place(tok_start, n, r.tok_kept, lay.L, lay, &r.tok_src, &r.tok_col);
+  if (has_prompt) {
+    // clamp(prompt_len - cut, 0, kept) and clamp(prompt_len - 1 - cut, 0, kept), written without overflow.
+    const int64_t cut = lay.trunc_left ? n - r.tok_kept : 0;
+    const int64_t p = prompt_len > cut ? prompt_len - cut : 0;
+    r.label_from = p < r.tok_kept ? p : r.tok_kept;
+    r.loss_from = p > 1 ? (p - 1 < r.tok_kept ? p - 1 : r.tok_kept) : 0;
+  }
+  if (kind == kGivenLabels) {
+    const int64_t m = span(lab_start, lab_end);
+    r.lab_kept = kept_count(m, lay.max_length);
+    place(lab_start, m, r.lab_kept, lay.Ll, lay, &r.lab_src, &r.lab_col);
+  } else {
+    r.lab_src = r.tok_src;
+    r.lab_kept = r.tok_kept;
+    r.lab_col = r.tok_col;
+  }
+  return r;
 }
 
 // Column j holds kept token k = j - col when 0 <= k < kept; any other column is padding.

@@ -1,8 +1,9 @@
 // C++ CPU backend of pyseqpack.pad_shift_mask: Python sequences / buffers in, padded tensors out, one pass.
 //
-// Python hands over the row plan (see pad_shift_mask.h) and raw output pointers (tensor.data_ptr()), plus
-// the caller's objects themselves: a sequence of rows (lists / tuples of ints, or 1-D integer buffers such
-// as numpy arrays) or one flat 1-D buffer. Each example's kept tokens are read straight from those objects
+// Python hands over the padded widths and planning options (psm::Layout) and raw output pointers
+// (tensor.data_ptr()), plus the caller's objects themselves: a sequence of rows (lists / tuples of ints, or 1-D integer buffers such
+// as numpy arrays) or one flat 1-D buffer with its offsets. Each example is planned by psm::plan_row (the
+// lines the CUDA kernel runs), then its kept tokens are read straight from those objects
 // (PyLong -> int64 for lists, a typed strided read for buffers), validated on the way, staged in a small
 // int64 row scratch (or read in place when the buffer already is contiguous int64), and every output row
 // is then written by the per-element functions of pad_shift_mask.h. Memory traffic: each kept input
@@ -102,8 +103,8 @@ struct Field {
   std::string name;
   int64_t lo = INT64_MIN, hi = INT64_MAX;  // accepted values (the output dtype's range, or 0..1 for masks)
   bool is_mask = false;
-  bool flat = false;               // one buffer for the whole batch, indexed by the plan's absolute *_src
-  const int64_t* bases = nullptr;  // flat: offsets[b], to report indices inside the example
+  bool flat = false;               // one buffer for the whole batch, indexed through `bases`
+  const int64_t* bases = nullptr;  // flat: the offsets [B + 1]; example b is [bases[b], bases[b + 1])
   std::vector<RowSource> rows;     // flat: a single entry
   std::vector<Py_buffer> views;
   bool has_seq = false;  // some row is a Python sequence: the GIL must be held while reading
@@ -116,6 +117,17 @@ struct Field {
     for (auto& v : views) PyBuffer_Release(&v);
   }
 };
+
+// Where example b's values lie: [start, end) of the flat buffer, or [0, len) of its own row.
+void bounds(const Field& f, int64_t b, int64_t* start, int64_t* end) {
+  if (f.flat) {
+    *start = f.bases[b];
+    *end = f.bases[b + 1];
+  } else {
+    *start = 0;
+    *end = f.rows[static_cast<size_t>(b)].len;
+  }
+}
 
 // Raises `type` with "name[b]: what" (or "name: what" for a flat buffer, b < 0); returns false.
 bool source_error(PyObject* type, const Field& f, int64_t b, const std::string& what) {
@@ -352,8 +364,8 @@ void raise_failure(const Failure& fl) {
       break;
     case Fault::kChanged:
       PyErr_Format(PyExc_RuntimeError,
-                   "%s[%lld]: the data does not match the row plan (did the example change while pad_shift_mask "
-                   "was reading it?)", name, b);
+                   "%s[%lld]: the data does not match its length when the batch was measured (did the example "
+                   "change while pad_shift_mask was reading it?)", name, b);
       break;
     case Fault::kNone:
       break;
@@ -374,7 +386,7 @@ void raise_failure(const Failure& fl) {
 
 enum Out { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
 
-// One example: its plan row, its staged inputs (row pointers indexed by the kept index) and its output rows.
+// One example: its Row (psm::plan_row), its staged inputs (row pointers indexed by the kept index) and its output rows.
 struct RowJob {
   psm::Row r;
   const int64_t* tok;
@@ -433,9 +445,9 @@ struct Scratch {
 };
 
 struct Problem {
-  const int64_t* plan = nullptr;
-  int64_t L = 0, Ll = 0;
+  psm::Layout layout{};  // L, Ll and the planning options
   int32_t kind = psm::kNoLabels;
+  const int64_t* prompt = nullptr;  // prompt lengths [B], or nullptr
   Field tok, lab, mask;
   std::vector<Field> extras;
   std::vector<int64_t> extra_pads;
@@ -452,10 +464,20 @@ struct Problem {
     return false;
   }
 
-  // Example b: stage its inputs (this is where values are read and validated), then write its output rows.
+  // Example b: plan it, stage its inputs (this is where values are read and validated), then write its output
+  // rows.
   bool row(int64_t b, Scratch& s, Failure* fl) const {
-    RowJob job{psm::load_row(plan, b), nullptr, nullptr, nullptr, L, Ll, pad, label_pad, decoder_start, kind, {}};
+    const int64_t L = layout.L, Ll = layout.Ll;
+    int64_t tok_start, tok_end, lab_start = 0, lab_end = 0;
+    bounds(tok, b, &tok_start, &tok_end);
+    if (kind == psm::kGivenLabels) bounds(lab, b, &lab_start, &lab_end);
+    RowJob job{psm::plan_row(tok_start, tok_end, lab_start, lab_end, kind, prompt != nullptr,
+                             prompt != nullptr ? prompt[b] : 0, layout),
+               nullptr, nullptr, nullptr, L, Ll, pad, label_pad, decoder_start, kind, {}};
     const psm::Row& r = job.r;
+    // Python measured the widths from the same lengths: a longer row means the example changed meanwhile.
+    if (r.tok_kept > L) return fail(fl, Fault::kChanged, tok, b, 0, 0);
+    if (r.lab_kept > Ll) return fail(fl, Fault::kChanged, lab, b, 0, 0);
     if (!stage(tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
     if (kind == psm::kDerivedLabels && has_mask && !stage(mask, b, r.tok_src, r.tok_kept, s.mask, &job.mask, fl))
       return false;
@@ -483,7 +505,7 @@ struct Problem {
 
 // ---- argument helpers ------------------------------------------------------------------------------------------
 
-// A read-only view of an int64 array passed from Python (the plan [B, 8], or offsets [B + 1]); released on exit.
+// A read-only view of an int64 array passed from Python (offsets [B + 1], prompt lengths [B]); released on exit.
 struct Int64View {
   Py_buffer view{};
   const int64_t* data = nullptr;
@@ -600,13 +622,15 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return Py_BuildValue("(NO)", out, other ? Py_True : Py_False);
 }
 
-// psm_fill(plan, B, L, Ll, tokens, tok_bases, labels_kind, labels, lab_bases, loss_masks, extras, outs,
-//      extra_outs, pad_token_id, label_pad_token_id, decoder_start_token_id, out_itemsize, num_threads)
+// psm_fill(B, L, Ll, max_length, trunc_left, pad_left, tokens, tok_offsets, labels_kind, labels, lab_offsets,
+//          prompt_lengths, loss_masks, extras, outs, extra_outs, pad_token_id, label_pad_token_id,
+//          decoder_start_token_id, out_itemsize, num_threads)
 //
-//   plan           int64 [B, 8] array (pad_shift_mask.h); *_src are row-relative for row sequences,
-//                  absolute for a flat buffer
-//   tokens         sequence of B rows, or one flat 1-D buffer (then tok_bases = its int64 offsets, else None)
-//   labels_kind    0 none, 1 derived from tokens, 2 given in `labels` (rows, or flat with lab_bases)
+//   L, Ll, max_length, trunc_left, pad_left    psm::Layout (max_length < 0: no truncation)
+//   tokens         sequence of B rows, or one flat 1-D buffer (then tok_offsets = its int64 [B + 1] offsets, else
+//                  None)
+//   labels_kind    0 none, 1 derived from tokens, 2 given in `labels` (rows, or flat with lab_offsets)
+//   prompt_lengths None, or int64 [B]
 //   loss_masks     None, or 0/1 values in the same form as tokens (same indices)
 //   extras         tuple of (name, values in the same form as tokens, pad value)
 //   outs           tuple of 7 addresses (0 = not requested): input_ids, attention_mask, labels,
@@ -614,62 +638,67 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //   extra_outs     tuple of addresses, one [B, L] output per extra
 //   out_itemsize   4 (int32 outputs) or 8 (int64)
 //   num_threads    0 = automatic; threads are only used when no row is a Python sequence
+// The widths must come from the lengths of these very objects (Python measures them first); offsets are
+// trusted (Python checked them).
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 18) {
-    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 18 positional arguments");
+  if (nargs != 21) {
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 21 positional arguments");
     return nullptr;
   }
   Problem p;
   bool ok = true;
-  int64_t B, itemsize, kind, requested_threads;
-  if (!as_i64(args[1], "B", &B) || !as_i64(args[2], "L", &p.L) || !as_i64(args[3], "Ll", &p.Ll) ||
-      !as_i64(args[6], "labels_kind", &kind) || !as_i64(args[13], "pad_token_id", &p.pad) ||
-      !as_i64(args[14], "label_pad_token_id", &p.label_pad) ||
-      !as_i64(args[15], "decoder_start_token_id", &p.decoder_start) || !as_i64(args[16], "out_itemsize", &itemsize) ||
-      !as_i64(args[17], "num_threads", &requested_threads))
+  int64_t B, trunc_left, pad_left, itemsize, kind, requested_threads;
+  if (!as_i64(args[0], "B", &B) || !as_i64(args[1], "L", &p.layout.L) || !as_i64(args[2], "Ll", &p.layout.Ll) ||
+      !as_i64(args[3], "max_length", &p.layout.max_length) || !as_i64(args[4], "trunc_left", &trunc_left) ||
+      !as_i64(args[5], "pad_left", &pad_left) || !as_i64(args[8], "labels_kind", &kind) ||
+      !as_i64(args[16], "pad_token_id", &p.pad) || !as_i64(args[17], "label_pad_token_id", &p.label_pad) ||
+      !as_i64(args[18], "decoder_start_token_id", &p.decoder_start) ||
+      !as_i64(args[19], "out_itemsize", &itemsize) || !as_i64(args[20], "num_threads", &requested_threads))
     return nullptr;
   if (itemsize != 4 && itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "pyseqpack._C.psm_fill: out_itemsize must be 4 or 8");
     return nullptr;
   }
+  p.layout.trunc_left = trunc_left != 0;
+  p.layout.pad_left = pad_left != 0;
   p.kind = static_cast<int32_t>(kind);
   p.itemsize = itemsize;
 
-  Int64View plan, tok_offsets, lab_offsets;
-  if (!plan.open(args[0], "plan", B * psm::kPlanStride, false) || !tok_offsets.open(args[5], "tok_bases", B, true) ||
-      !lab_offsets.open(args[8], "lab_bases", B, true))
+  Int64View tok_offsets, lab_offsets, prompt;
+  if (!tok_offsets.open(args[7], "tok_offsets", B + 1, true) || !lab_offsets.open(args[10], "lab_offsets", B + 1, true) ||
+      !prompt.open(args[11], "prompt_lengths", B, true))
     return nullptr;
-  p.plan = plan.data;
+  p.prompt = prompt.data;
   const int64_t* tok_bases = tok_offsets.data;
   const int64_t* lab_bases = lab_offsets.data;
   p.tok.name = "input_ids";
   p.tok.bases = tok_bases;
   set_range(p.tok, itemsize, false);
-  if (!open_field(args[4], p.tok, B, tok_bases != nullptr)) return nullptr;
+  if (!open_field(args[6], p.tok, B, tok_bases != nullptr)) return nullptr;
   if (p.kind == psm::kGivenLabels) {
     p.lab.name = "labels";
     p.lab.bases = lab_bases;
     set_range(p.lab, itemsize, false);
-    if (!open_field(args[7], p.lab, B, lab_bases != nullptr)) return nullptr;
+    if (!open_field(args[9], p.lab, B, lab_bases != nullptr)) return nullptr;
   }
-  if (args[9] != Py_None) {
+  if (args[12] != Py_None) {
     p.has_mask = true;
     p.mask.name = "loss_masks";
     p.mask.bases = tok_bases;
     set_range(p.mask, itemsize, true);
-    if (!open_field(args[9], p.mask, B, tok_bases != nullptr)) return nullptr;
+    if (!open_field(args[12], p.mask, B, tok_bases != nullptr)) return nullptr;
   }
-  if (!PyTuple_Check(args[10]) || !PyTuple_Check(args[11]) || !PyTuple_Check(args[12]) ||
-      PyTuple_GET_SIZE(args[11]) != kNumOut || PyTuple_GET_SIZE(args[12]) != PyTuple_GET_SIZE(args[10])) {
+  if (!PyTuple_Check(args[13]) || !PyTuple_Check(args[14]) || !PyTuple_Check(args[15]) ||
+      PyTuple_GET_SIZE(args[14]) != kNumOut || PyTuple_GET_SIZE(args[15]) != PyTuple_GET_SIZE(args[13])) {
     PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: extras, outs, extra_outs must be tuples (outs of 7)");
     return nullptr;
   }
-  const Py_ssize_t E = PyTuple_GET_SIZE(args[10]);
+  const Py_ssize_t E = PyTuple_GET_SIZE(args[13]);
   p.extras = std::vector<Field>(static_cast<size_t>(E));
   p.extra_pads.resize(static_cast<size_t>(E));
   p.extra_out.resize(static_cast<size_t>(E));
   for (Py_ssize_t e = 0; e < E; ++e) {
-    PyObject* item = PyTuple_GET_ITEM(args[10], e);
+    PyObject* item = PyTuple_GET_ITEM(args[13], e);
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
       PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: each extra must be (name, values, pad)");
       return nullptr;
@@ -681,15 +710,15 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!as_i64(PyTuple_GET_ITEM(item, 2), "extra pad", &p.extra_pads[e]) ||
         !open_field(PyTuple_GET_ITEM(item, 1), f, B, tok_bases != nullptr))
       return nullptr;
-    p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(args[12], e), "extra_outs", &ok);
+    p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(args[15], e), "extra_outs", &ok);
   }
-  for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(args[11], i), "outs", &ok);
+  for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(args[14], i), "outs", &ok);
   if (!ok) return nullptr;
 
   int n_out = 0;
   for (void* o : p.out) n_out += o != nullptr;
   n_out += static_cast<int>(E);
-  const int64_t work = B * std::max(p.L, p.Ll) * n_out;
+  const int64_t work = B * std::max(p.layout.L, p.layout.Ll) * n_out;
   const int64_t threads = p.needs_gil() ? 1 : choose_threads(requested_threads, B, work);
 
   auto run = [&](int64_t b0, int64_t b1, Failure* fl) { p.rows(b0, b1, fl); };
@@ -718,51 +747,54 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// psm_gather(values, name, plan, B, which, bases, out, out_itemsize, is_mask)
+// psm_gather(values, name, B, offsets, max_length, trunc_left, out, out_itemsize, is_mask)
 //
-// Packs every example's KEPT values (plan columns kTokSrc/kTokKept when which = 0, kLabSrc/kLabKept when
-// which = 1) back to back into `out` (int32 or int64, sum of kept elements), reading and validating them
-// exactly like fill. The device backends use it to turn host rows into one flat buffer for a single copy.
+// Packs every example's KEPT values (after truncation to max_length, < 0 for none, on the left when
+// trunc_left) back to back into `out` (int32 or int64, the sum of kept counts), reading and validating them
+// exactly like fill. `values`: B rows, or a flat buffer with its int64 [B + 1] offsets (else None). The device
+// backends use it to turn host rows into one flat buffer for a single copy.
 PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 9 || !PyUnicode_Check(args[1])) {
     PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_gather takes 9 positional arguments");
     return nullptr;
   }
   bool ok = true;
-  int64_t B, which, itemsize, is_mask;
+  int64_t B, trunc_left, itemsize, is_mask;
+  psm::Layout lay{};
   void* out = as_ptr<void>(args[6], "out", &ok);
-  if (!ok || !as_i64(args[3], "B", &B) || !as_i64(args[4], "which", &which) ||
-      !as_i64(args[7], "out_itemsize", &itemsize) || !as_i64(args[8], "is_mask", &is_mask))
+  if (!ok || !as_i64(args[2], "B", &B) || !as_i64(args[4], "max_length", &lay.max_length) ||
+      !as_i64(args[5], "trunc_left", &trunc_left) || !as_i64(args[7], "out_itemsize", &itemsize) ||
+      !as_i64(args[8], "is_mask", &is_mask))
     return nullptr;
-  Int64View plan_view, bases_view;
-  if (!plan_view.open(args[2], "plan", B * psm::kPlanStride, false) || !bases_view.open(args[5], "bases", B, true))
-    return nullptr;
-  const int64_t* plan = plan_view.data;
+  lay.trunc_left = trunc_left != 0;
+  Int64View bases_view;
+  if (!bases_view.open(args[3], "offsets", B + 1, true)) return nullptr;
   Field f;
   f.name = PyUnicode_AsUTF8(args[1]);
   f.bases = bases_view.data;
   set_range(f, itemsize, is_mask != 0);
   if (!open_field(args[0], f, B, f.bases != nullptr)) return nullptr;
-  const int src_col = which == 0 ? psm::kTokSrc : psm::kLabSrc;
-  const int kept_col = which == 0 ? psm::kTokKept : psm::kLabKept;
   std::vector<int64_t> scratch;
   Failure fl;
   int64_t pos = 0;
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t* row = plan + b * psm::kPlanStride;
+    int64_t start, end, src, col;
+    bounds(f, b, &start, &end);
+    const int64_t n = psm::span(start, end);
+    const int64_t kept = psm::kept_count(n, lay.max_length);
+    psm::place(start, n, kept, 0, lay, &src, &col);
     const int64_t* v = nullptr;
-    if (!stage(f, b, row[src_col], row[kept_col], scratch, &v, &fl)) {
+    if (!stage(f, b, src, kept, scratch, &v, &fl)) {
       raise_failure(fl);
       return nullptr;
     }
     if (itemsize == 8) {
-      if (row[kept_col] > 0)
-        std::memcpy(static_cast<int64_t*>(out) + pos, v, static_cast<size_t>(row[kept_col]) * sizeof(int64_t));
+      if (kept > 0) std::memcpy(static_cast<int64_t*>(out) + pos, v, static_cast<size_t>(kept) * sizeof(int64_t));
     } else {
       int32_t* o = static_cast<int32_t*>(out) + pos;
-      for (int64_t k = 0; k < row[kept_col]; ++k) o[k] = static_cast<int32_t>(v[k]);
+      for (int64_t k = 0; k < kept; ++k) o[k] = static_cast<int32_t>(v[k]);
     }
-    pos += row[kept_col];
+    pos += kept;
   }
   Py_RETURN_NONE;
 }

@@ -79,12 +79,13 @@ stay in bounds whatever the offsets hold. The caller's data is never modified.
 Devices and syncs. Host data (lists, numpy, CPU tensors) can be collated onto any device: its kept tokens are
 packed into one pinned buffer and copied asynchronously. Data on a CUDA device only to that device. The device
 kernels need L on the host: with host offsets (or equal-length rows) nothing syncs; with offsets on the device,
-``padding="longest"`` copies them to the host (one sync) while ``padding="max_length"`` plans on the device
-without a sync (it then needs ``truncation=True``, since too-long rows cannot be detected, and ``pad_token_id``).
+``padding="longest"`` copies them to the host (one sync) while ``padding="max_length"`` needs no sync: the kernel
+plans each example from the device offsets (it then needs ``truncation=True``, since too-long rows cannot be
+detected, and ``pad_token_id``), so the op is one kernel launch plus the output allocations.
 
 Backends. "torch" is the plain reference (and the fallback). "cpu" reads Python lists / buffers in C++ in one pass,
 writing each output once (O(B) Python work). "triton" and "cuda" launch one kernel for all outputs, from a flat
-token buffer and the row plan (csrc/pad_shift_mask.h). "auto": "cpu" for CPU outputs when pyseqpack._C is built,
+token buffer and its offsets; every native kernel plans each example with plan_row of csrc/pad_shift_mask.h. "auto": "cpu" for CPU outputs when pyseqpack._C is built,
 else "torch"; on CUDA "cuda" when pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch"
 (a Triton compile or launch failure under "auto" warns once and falls back to "torch"). A backend asked for by
 name that cannot run raises pyseqpack.BackendUnavailable saying why. Every argument is validated before anything
@@ -106,11 +107,9 @@ import torch
 from . import _native
 from ._native import BackendUnavailable
 
-__all__ = ["pad_shift_mask", "DeviceLaunch", "PLAN_FIELDS", "OUTPUT_KEYS"]
+__all__ = ["pad_shift_mask", "DeviceLaunch", "OUTPUT_KEYS"]
 
-# The row plan, one int64 row per example; csrc/pad_shift_mask.h documents each field (the CUDA contract).
-PLAN_FIELDS = ("tok_src", "tok_kept", "tok_col", "label_from", "loss_from", "lab_src", "lab_kept", "lab_col")
-TOK_SRC, TOK_KEPT, TOK_COL, LABEL_FROM, LOSS_FROM, LAB_SRC, LAB_KEPT, LAB_COL = range(len(PLAN_FIELDS))
+# psm::LabelsKind and psm::Mode of csrc/pad_shift_mask.h.
 LABELS_NONE, LABELS_DERIVED, LABELS_GIVEN = 0, 1, 2
 MODE_PADDED = 0  # psm::kPadded; 1 (kPacked, padding-free packing) is reserved
 
@@ -135,7 +134,7 @@ class _Seqs:
     rows: Optional[list] = None  # lists / tuples / 1-D arrays, one per example (host)
     flat: Any = None  # 1-D numpy array or tensor, every example back to back
     offsets: Any = None  # flat: int64 [B+1], a numpy array (host) or a tensor on the device of `flat`
-    lengths: Any = None  # int64 [B]: numpy (host), or a device tensor when the offsets live on the device
+    lengths: Any = None  # int64 [B] numpy; None while the offsets live on the device
 
     @property
     def B(self) -> int:
@@ -235,8 +234,8 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
                 raise ValueError(f"{offsets_name} is on {offsets.device} but {name} is on {dev}")
             if offsets.ndim != 1 or offsets.numel() < 2 or offsets.is_floating_point():
                 raise TypeError(f"{offsets_name}: expected a 1-D integer tensor of B + 1 >= 2 entries")
-            off = offsets.to(torch.int64)
-            return _Seqs(name, flat=value, offsets=off, lengths=off[1:] - off[:-1])
+            # Lengths stay unknown on the host (no sync): the kernels plan from the offsets themselves.
+            return _Seqs(name, flat=value, offsets=offsets.to(torch.int64))
         off = _host_offsets(offsets, offsets_name, int(value.shape[0]), name)
         return _Seqs(name, flat=value, offsets=off, lengths=np.diff(off))
     if isinstance(value, (np.ndarray, torch.Tensor)):
@@ -368,104 +367,33 @@ def _options(pad_token_id, label_pad_token_id, padding, max_length, truncation, 
     return opts
 
 
+# The same options come back on every call of a training run: checked once each (typed, so that 2.0 is not
+# taken for 2). Unhashable arguments (always an error) go to _options uncached, which names them.
+_cached_options = functools.lru_cache(maxsize=64, typed=True)(_options)
+
+
+def _checked_options(*args) -> _Options:
+    try:
+        return _cached_options(*args)
+    except TypeError:
+        return _options(*args)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# The row plan (csrc/pad_shift_mask.h), computed with numpy on the host or torch on the device
+# Widths: the padded lengths L and Ll. Every kernel plans each example itself (plan_row in csrc/pad_shift_mask.h)
 # ---------------------------------------------------------------------------------------------------------------
-
-class _NumpyOps:
-    @staticmethod
-    def zeros(rows, like):
-        return np.zeros((rows, len(PLAN_FIELDS)), dtype=np.int64)
-
-    @staticmethod
-    def clamp(x, lo, hi):
-        return np.minimum(np.maximum(x, lo), hi)
-
-    @staticmethod
-    def min_scalar(x, s):
-        return np.minimum(x, s)
-
-    @staticmethod
-    def max_value(x):
-        return int(x.max())
-
-
-class _TorchOps:
-    @staticmethod
-    def zeros(rows, like):
-        return torch.zeros((rows, len(PLAN_FIELDS)), dtype=torch.int64, device=like.device)
-
-    @staticmethod
-    def clamp(x, lo, hi):
-        return torch.minimum(torch.clamp(x, min=lo), hi)
-
-    @staticmethod
-    def min_scalar(x, s):
-        return torch.clamp(x, max=s)
-
-
-def _kept(ops, n, opts: _Options):
-    """Values each example keeps: min(n, max_length) under truncation."""
-    return ops.min_scalar(n, opts.max_length) if opts.truncation else n
-
-
-def _place(plan, n, kept, base, length: int, opts: _Options, src_col: int):
-    """Fills one group of plan columns (src, kept, col); returns cut, the values truncation removed on the left
-    (None when that is 0). Columns that stay 0 are not written: the plan starts zeroed."""
-    cut = n - kept if opts.truncation and opts.truncation_side == "left" else None
-    plan[:, src_col + 1] = kept
-    src = base if cut is None else (cut if base is None else base + cut)
-    if src is not None:
-        plan[:, src_col] = src
-    if opts.padding_side == "left":
-        plan[:, src_col + 2] = length - kept
-    return cut
-
 
 @dataclasses.dataclass
-class _Layout:
-    plan: Any  # int64 [B, 8]: numpy on the host, or a device tensor
+class _Widths:
     L: int
     Ll: int
+    kept: Optional[np.ndarray] = None  # host: tokens each example keeps (None when planned on the device)
+    lab_kept: Optional[np.ndarray] = None  # host: labels each example keeps (separate labels only)
 
 
-def _plan(ops, src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kept, L: int, lab_kept, Ll: int) -> _Layout:
-    """The row plan of csrc/pad_shift_mask.h. Rows-form fields index each example from 0 (base None), flat ones
-    through their offsets."""
-    n = src.lengths
-    plan = ops.zeros(len(n), n)
-    base = None if src.rows is not None else src.offsets[:-1]
-    cut = _place(plan, n, kept, base, L, opts, TOK_SRC)
-    if prompt is not None:
-        start = prompt if cut is None else prompt - cut  # the prompt boundary in kept coordinates
-        plan[:, LABEL_FROM] = ops.clamp(start, 0, kept)
-        plan[:, LOSS_FROM] = ops.clamp(start - 1, 0, kept)
-    if lab is not None:
-        _place(plan, lab.lengths, lab_kept, None if lab.rows is not None else lab.offsets[:-1], Ll, opts, LAB_SRC)
-    else:
-        plan[:, LAB_SRC:LAB_COL + 1] = plan[:, TOK_SRC:TOK_COL + 1]
-    return _Layout(plan, L, Ll)
-
-
-def _host_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind: int) -> _Layout:
-    """Plans on the host, checking every length rule (rows too long, a pad token needed but missing)."""
-    kept = _kept(_NumpyOps, src.lengths, opts)
-    longest = _NumpyOps.max_value(kept)
-    L = opts.padded_length(longest)
-    if longest > L:
-        _check_fits(src, kept, L, opts, "tokens")
-    if opts.pad_token_id is None and int(kept.min()) < L:
-        b = int(np.flatnonzero(kept < L)[0])
-        raise ValueError(f"pad_token_id is None but input_ids[{b}] needs padding ({kept[b]} tokens, padded "
-                         f"length {L}); pass pad_token_id")
-    lab_kept, Ll = None, L
-    if kind == LABELS_GIVEN:
-        lab_kept = _kept(_NumpyOps, lab.lengths, opts)
-        longest = _NumpyOps.max_value(lab_kept)
-        Ll = opts.padded_length(longest)
-        if longest > Ll:
-            _check_fits(lab, lab_kept, Ll, opts, "labels")
-    return _plan(_NumpyOps, src, lab, prompt, opts, kept, L, lab_kept, Ll)
+def _kept(n: np.ndarray, opts: _Options) -> np.ndarray:
+    """Values each example keeps: min(n, max_length) under truncation (psm::kept_count)."""
+    return np.minimum(n, opts.max_length) if opts.truncation else n
 
 
 def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
@@ -477,19 +405,37 @@ def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
                      "truncation=True to cut it, or a larger max_length")
 
 
-def _device_layout(src: _Seqs, lab: Optional[_Seqs], prompt, opts: _Options, kind: int) -> _Layout:
-    """Plans on the device from device offsets, without a sync: needs padding='max_length' and truncation=True."""
+def _host_widths(src: _Seqs, lab: Optional[_Seqs], opts: _Options, kind: int) -> _Widths:
+    """L and Ll from host lengths, checking every length rule (rows too long, a pad token needed but missing)."""
+    kept = _kept(src.lengths, opts)
+    longest = int(kept.max())
+    L = opts.padded_length(longest)
+    if longest > L:
+        _check_fits(src, kept, L, opts, "tokens")
+    if opts.pad_token_id is None and int(kept.min()) < L:
+        b = int(np.flatnonzero(kept < L)[0])
+        raise ValueError(f"pad_token_id is None but input_ids[{b}] needs padding ({kept[b]} tokens, padded "
+                         f"length {L}); pass pad_token_id")
+    widths = _Widths(L, L, kept)
+    if kind == LABELS_GIVEN:
+        widths.lab_kept = _kept(lab.lengths, opts)
+        longest = int(widths.lab_kept.max())
+        widths.Ll = opts.padded_length(longest)
+        if longest > widths.Ll:
+            _check_fits(lab, widths.lab_kept, widths.Ll, opts, "labels")
+    return widths
+
+
+def _device_widths(opts: _Options) -> _Widths:
+    """Offsets on the device with padding='max_length': L = Ll = max_length (rounded up), known without a sync;
+    the kernels plan each example from its device offsets."""
     if not opts.truncation:
         raise ValueError("offsets on the device with padding='max_length' need truncation=True (checking that no row "
                          "is too long would need a host sync); or pass the offsets as a host list / CPU tensor")
     if opts.pad_token_id is None:
         raise ValueError("offsets on the device: pass pad_token_id (whether a row needs padding is only known there)")
     L = opts.padded_length(0)
-    kept = _kept(_TorchOps, src.lengths, opts)
-    lab_kept = _kept(_TorchOps, lab.lengths, opts) if kind == LABELS_GIVEN else None
-    if prompt is not None:
-        prompt = _to_device(prompt if isinstance(prompt, torch.Tensor) else torch.from_numpy(prompt), src.device)
-    return _plan(_TorchOps, src, lab, prompt, opts, kept, L, lab_kept, L)
+    return _Widths(L, L)
 
 
 def _prompt_lengths(value, B: int):
@@ -655,48 +601,68 @@ def _cpu_source(seqs: _Seqs):
     return flat, seqs.offsets
 
 
-def _run_cpu(layout: _Layout, src, kind, lab, masks, extras, opts: _Options, outs: dict, num_threads) -> None:
-    C = _native.cpu_module()
-    plan = layout.plan
-    tokens, tok_bases = _cpu_source(src)
-    labels, lab_bases = _cpu_source(lab) if lab is not None else (None, None)
+def _layout_args(opts: _Options) -> tuple:
+    """psm::Layout's planning options as the kernels take them: max_length (-1: no truncation), trunc_left,
+    pad_left."""
+    return (opts.max_length if opts.truncation else -1, opts.truncation_side == "left", opts.padding_side == "left")
+
+
+def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Options, outs: dict,
+             num_threads) -> None:
+    tokens, tok_offsets = _cpu_source(src)
+    labels, lab_offsets = _cpu_source(lab) if lab is not None else (None, None)
     mask_obj = _cpu_source(masks)[0] if masks is not None else None
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.cpu().numpy()
     extra_args = tuple((name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items())
     addr = tuple(outs[k].data_ptr() if k in outs else 0 for k in OUTPUT_KEYS)
     extra_addr = tuple(outs[name].data_ptr() for name in extras)
-    C.psm_fill(plan, src.B, layout.L, layout.Ll, tokens, tok_bases, kind, labels, lab_bases, mask_obj,
-               extra_args, addr, extra_addr, opts.pad_token_id or 0, opts.label_pad_token_id or 0,
-               opts.decoder_start_token_id or 0, opts.dtype.itemsize, num_threads or 0)
+    _native.cpu_module().psm_fill(
+        src.B, widths.L, widths.Ll, *_layout_args(opts), tokens, tok_offsets, kind, labels, lab_offsets,
+        prompt, mask_obj, extra_args, addr, extra_addr, opts.pad_token_id or 0, opts.label_pad_token_id or 0,
+        opts.decoder_start_token_id or 0, opts.dtype.itemsize, num_threads or 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Device backends ("triton", "cuda"): one launch from a flat device buffer and the plan
+# Device backends ("triton", "cuda"): one launch from flat device buffers and their offsets
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class DeviceLaunch:
     """Everything a device kernel gets for one call; both kernels/pad_shift_mask.py and the CUDA launcher take it.
 
+    Each kernel plans every example itself, from its offsets, with plan_row() of csrc/pad_shift_mask.h (the
+    Triton kernel mirrors it), so nothing is computed on the device before the launch.
     Tensors are on the output device, contiguous, int64 buffers 16-byte aligned (Triton mis-loads others).
-    plan         int64 [B, 8], the row plan of csrc/pad_shift_mask.h
-    tokens       int32 / int64 [T]; example b's kept tokens at plan[b, 0] .. plan[b, 0] + plan[b, 1]
-    loss_masks   None or uint8 / int32 / int64 [T], aligned with tokens (0 drops a derived label)
-    labels       None or int32 / int64 [Tl], separate labels (labels_kind == 2), indexed by plan[b, 5..7]
-    extras       None or [E, T] (int32 / int64), aligned with tokens; extra_pads int64 [E]
-    outputs      {key: tensor} for the requested keys of OUTPUT_KEYS ([B, L] or [B, Ll], dtype int32/int64),
-                 plus "extras": [E, B, L] when E > 0
-    labels_kind  0 none, 1 derived from tokens, 2 given;  mode: 0 (padded; 1 = packed is reserved)
+    tokens          int32 / int64 [T]
+    offsets         int64 [B + 1]: example b's tokens are tokens[offsets[b] : offsets[b + 1]] (not trusted: a
+                    kernel keeps every load inside its buffer whatever they hold)
+    loss_masks      None or uint8 / int32 / int64 [T], aligned with tokens (0 drops a derived label)
+    labels          None or int32 / int64 [Tl], separate labels (labels_kind == 2) ...
+    label_offsets   ... and their int64 [B + 1] offsets (None otherwise)
+    prompt_lengths  None or int64 [B]: tokens of original index < prompt_lengths[b] are the prompt
+    extras          None or [E, T] (int32 / int64), aligned with tokens; extra_pads int64 [E]
+    outputs         {key: tensor} for the requested keys of OUTPUT_KEYS ([B, L] or [B, Ll], dtype int32/int64),
+                    plus "extras": [E, B, L] when E > 0
+    L, Ll           widths of the outputs;  max_length: truncation to it, -1 for none
+    truncate_left   truncation keeps the last max_length values;  pad_left: padding goes on the left
+    labels_kind     0 none, 1 derived from tokens, 2 given;  mode: 0 (padded; 1 = packed is reserved)
     """
 
-    plan: torch.Tensor
     tokens: torch.Tensor
+    offsets: torch.Tensor
     loss_masks: Optional[torch.Tensor]
     labels: Optional[torch.Tensor]
+    label_offsets: Optional[torch.Tensor]
+    prompt_lengths: Optional[torch.Tensor]
     extras: Optional[torch.Tensor]
     extra_pads: Optional[torch.Tensor]
     outputs: dict
     L: int
     Ll: int
+    max_length: int
+    truncate_left: bool
+    pad_left: bool
     labels_kind: int
     pad_token_id: int
     label_pad_token_id: int
@@ -733,38 +699,41 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def _gather_host(seqs: _Seqs, plan: np.ndarray, which: int, opts: _Options, is_mask: bool, pin: bool) -> torch.Tensor:
-    """Every example's kept values back to back, in the output dtype, validated; plan columns say which values.
+def _gather_host(seqs: _Seqs, kept: np.ndarray, opts: _Options, is_mask: bool, pin: bool) -> torch.Tensor:
+    """Every example's kept values back to back, in the output dtype, validated (`kept`: how many each keeps).
     `pin`: into pinned memory, ready for an asynchronous copy to the GPU."""
-    src_col, kept_col = (TOK_SRC, TOK_KEPT) if which == 0 else (LAB_SRC, LAB_KEPT)
-    total = int(plan[:, kept_col].sum())
     if _native.cpu_available():
-        out = torch.empty(total, dtype=opts.dtype, pin_memory=pin)
-        obj, bases = _cpu_source(seqs)
-        _native.cpu_module().psm_gather(obj, seqs.name, plan, seqs.B, which, bases, out.data_ptr(),
+        out = torch.empty(int(kept.sum()), dtype=opts.dtype, pin_memory=pin)
+        obj, offsets = _cpu_source(seqs)
+        max_length, trunc_left, _ = _layout_args(opts)
+        _native.cpu_module().psm_gather(obj, seqs.name, seqs.B, offsets, max_length, trunc_left, out.data_ptr(),
                                         out.element_size(), int(is_mask))
         return out
     parts = []
     for b in range(seqs.B):
-        start = int(plan[b, src_col]) - (0 if seqs.rows is not None else int(seqs.offsets[b]))
-        parts.append(_ref_values(seqs.row(b), seqs.name, b, start, start + int(plan[b, kept_col]), opts.value_range,
-                                 is_mask))
+        obj = seqs.row(b)
+        s, e = _ref_window(len(obj), opts)
+        parts.append(_ref_values(obj, seqs.name, b, s, e, opts.value_range, is_mask))
     return torch.cat(parts).to(opts.dtype)
 
 
-def _packed_starts(kept: np.ndarray) -> np.ndarray:
-    return np.cumsum(kept) - kept
+def _offsets_of(kept: np.ndarray) -> np.ndarray:
+    """[0, kept_0, kept_0 + kept_1, ...]: the offsets of a packed buffer."""
+    out = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=out[1:])
+    return out
 
 
-def _device_inputs(layout: _Layout, src, kind, lab, masks, extras, opts: _Options, device: torch.device):
-    """(plan, tokens, loss_masks, labels, extras [E, T], extra_pads) on the device. Host fields are packed (kept
-    values only, one asynchronous copy each) and their plan columns point into the packed buffer; fields already
-    on the device are used in place (a host plan then indexes them through the offsets)."""
-    host_plan = layout.plan if isinstance(layout.plan, np.ndarray) else None
+def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Options, device: torch.device,
+                   outputs: dict) -> DeviceLaunch:
+    """The kernel's inputs on the device. Fields on the host are packed (kept values only, one asynchronous copy
+    each) with offsets of their own; fields already on the device are used in place, with their offsets (copied
+    there when they are host metadata)."""
+    pin = device.type == "cuda"
 
-    def field(seqs, which, is_mask):
-        if seqs.on_host:  # host data implies host offsets, hence a host plan
-            return _to_device(_gather_host(seqs, host_plan, which, opts, is_mask, device.type == "cuda"), device)
+    def field(seqs, kept, is_mask):
+        if seqs.on_host:  # host data implies host offsets
+            return _to_device(_gather_host(seqs, kept, opts, is_mask, pin), device)
         flat = seqs.flat
         if flat.dtype == torch.bool and is_mask:
             flat = flat.view(torch.uint8)
@@ -772,46 +741,39 @@ def _device_inputs(layout: _Layout, src, kind, lab, masks, extras, opts: _Option
             flat = flat.to(torch.int64)  # the kernels read int32 / int64 (and uint8 masks)
         return _aligned(flat)
 
-    tokens = field(src, 0, False)
-    masks_t = field(masks, 0, True) if masks is not None else None
-    labels_t = field(lab, 1, False) if kind == LABELS_GIVEN else None
+    def offsets(seqs, kept):
+        off = _offsets_of(kept) if seqs.on_host else seqs.offsets
+        return _aligned(_to_device(torch.from_numpy(off) if isinstance(off, np.ndarray) else off, device))
+
+    if prompt is not None and src.on_host and opts.truncation and opts.truncation_side == "left":
+        # The packed tokens are already cut: plan_row then sees cut = 0, so the prompt moves by the cut.
+        cut = src.lengths - widths.kept
+        prompt = prompt - (torch.from_numpy(cut).to(prompt.device) if isinstance(prompt, torch.Tensor) else cut)
+    if isinstance(prompt, np.ndarray):
+        prompt = torch.from_numpy(prompt)
     extras_t = pads = None
     if extras:
-        flats = [field(seqs, 0, False) for seqs, _ in extras.values()]
+        flats = [field(seqs, widths.kept, False) for seqs, _ in extras.values()]
         if len({f.dtype for f in flats}) > 1:
             flats = [f.to(torch.int64) for f in flats]
         extras_t = _aligned(torch.stack(flats))
-        pads = np.array([pad for _, pad in extras.values()], dtype=np.int64)
-    if host_plan is None:
-        pads_t = _to_device(torch.from_numpy(pads), device) if extras else None
-        return layout.plan, tokens, masks_t, labels_t, extras_t, pads_t
-    plan = host_plan.copy()
-    if src.on_host:
-        plan[:, TOK_SRC] = _packed_starts(plan[:, TOK_KEPT])
-    if kind == LABELS_GIVEN and lab.on_host:
-        plan[:, LAB_SRC] = _packed_starts(plan[:, LAB_KEPT])
-    elif kind != LABELS_GIVEN:
-        plan[:, LAB_SRC] = plan[:, TOK_SRC]
-    # The plan and the extras' pad values travel in one copy.
-    both = _to_device(torch.from_numpy(np.concatenate([plan.reshape(-1), pads if extras else []]).astype(np.int64)),
-                      device)
-    plan_t = both[: plan.size].view(-1, len(PLAN_FIELDS))
-    return plan_t, tokens, masks_t, labels_t, extras_t, (both[plan.size:] if extras else None)
+        pads = _to_device(torch.tensor([pad for _, pad in extras.values()], dtype=torch.int64), device)
+    given = kind == LABELS_GIVEN
+    max_length, trunc_left, pad_left = _layout_args(opts)
+    return DeviceLaunch(
+        tokens=field(src, widths.kept, False), offsets=offsets(src, widths.kept),
+        loss_masks=field(masks, widths.kept, True) if masks is not None else None,
+        labels=field(lab, widths.lab_kept, False) if given else None,
+        label_offsets=offsets(lab, widths.lab_kept) if given else None,
+        prompt_lengths=_aligned(_to_device(prompt, device)) if prompt is not None else None,
+        extras=extras_t, extra_pads=pads, outputs=outputs, L=widths.L, Ll=widths.Ll, max_length=max_length,
+        truncate_left=trunc_left, pad_left=pad_left, labels_kind=kind, pad_token_id=opts.pad_token_id or 0,
+        label_pad_token_id=opts.label_pad_token_id or 0, decoder_start_token_id=opts.decoder_start_token_id or 0)
 
 
-def _run_device(backend: str, layout: _Layout, src, kind, lab, masks, extras, opts: _Options, device, outs: dict,
-                extras_out) -> None:
-    plan, tokens, masks_t, labels_t, extras_t, pads_t = _device_inputs(layout, src, kind, lab, masks, extras, opts,
-                                                                       device)
-    outputs = dict(outs)
-    if extras_out is not None:
-        outputs["extras"] = extras_out
-    args = DeviceLaunch(plan=plan, tokens=tokens, loss_masks=masks_t, labels=labels_t, extras=extras_t,
-                        extra_pads=pads_t, outputs=outputs, L=layout.L, Ll=layout.Ll, labels_kind=kind,
-                        pad_token_id=opts.pad_token_id or 0, label_pad_token_id=opts.label_pad_token_id or 0,
-                        decoder_start_token_id=opts.decoder_start_token_id or 0)
+def _run_device(backend: str, args: DeviceLaunch) -> None:
     if backend == "cuda":
-        _cuda_kernel()[0].launch(args)
+        _cuda_kernel()[0].launch(args, check=False)  # the op built and checked every field itself
     else:
         from .kernels import pad_shift_mask as triton_kernel
 
@@ -888,8 +850,8 @@ def pad_shift_mask(
 ) -> dict:
     """Pads, truncates, masks and shifts a batch of token sequences into training tensors. See the module
     docstring for the exact semantics of every argument and output."""
-    opts = _options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
-                    padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
+    opts = _checked_options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
+                            padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
     src = _as_seqs(input_ids, offsets, "input_ids", "offsets")
     B = src.B
 
@@ -953,18 +915,17 @@ def pad_shift_mask(
                              "device can only be collated onto that device")
     requested, backend = backend, _select_backend(backend, out_device)
 
-    # plan (every length rule is checked here, before any launch)
+    # widths (every length rule is checked here, before any launch)
     lab_on_host = lab is None or lab.host_offsets()
     if src.host_offsets() and lab_on_host:
-        layout = _host_layout(src, lab, prompt, opts, kind)
+        widths = _host_widths(src, lab, opts, kind)
     elif opts.padding == "max_length" and not src.host_offsets() and (lab is None or not lab.host_offsets()):
-        layout = _device_layout(src, lab, prompt, opts, kind)
+        widths = _device_widths(opts)
     else:
         # Offsets on the device and padding="longest": the padded length needs them on the host (one sync).
         src, lab, masks, extra_seqs = (_host_copy_offsets(src), _host_copy_offsets(lab), _host_copy_offsets(masks, src),
                                        {k: (_host_copy_offsets(s, src), p) for k, (s, p) in extra_seqs.items()})
-        prompt = prompt.cpu().numpy() if isinstance(prompt, torch.Tensor) else prompt
-        layout = _host_layout(src, lab, prompt, opts, kind)
+        widths = _host_widths(src, lab, opts, kind)
 
     want = {
         "attention_mask": return_attention_mask,
@@ -979,7 +940,7 @@ def pad_shift_mask(
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
 
-    L, Ll = layout.L, layout.Ll
+    L, Ll = widths.L, widths.Ll
     outs = {"input_ids": torch.empty((B, L), dtype=opts.dtype, device=out_device)}
     for key in OUTPUT_KEYS[1:]:
         if want[key]:
@@ -988,12 +949,15 @@ def pad_shift_mask(
     if backend == "cpu":
         for name in extra_seqs:
             outs[name] = torch.empty((B, L), dtype=opts.dtype)
-        _run_cpu(layout, src, kind, lab, masks, extra_seqs, opts, outs, num_threads)
+        _run_cpu(widths, src, kind, lab, prompt, masks, extra_seqs, opts, outs, num_threads)
         return outs
 
-    extras_out = torch.empty((len(extra_seqs), B, L), dtype=opts.dtype, device=out_device) if extra_seqs else None
+    outputs = dict(outs)
+    if extra_seqs:
+        outputs["extras"] = torch.empty((len(extra_seqs), B, L), dtype=opts.dtype, device=out_device)
     try:
-        _run_device(backend, layout, src, kind, lab, masks, extra_seqs, opts, out_device, outs, extras_out)
+        _run_device(backend, _device_launch(widths, src, kind, lab, prompt, masks, extra_seqs, opts, out_device,
+                                            outputs))
     except Exception as e:
         # Under "auto", a Triton compile or launch failure (no C compiler, a driver problem) falls back to the
         # reference for the rest of the process; bad input (ValueError / TypeError) is the caller's to see.
@@ -1005,5 +969,5 @@ def pad_shift_mask(
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
     for e, name in enumerate(extra_seqs):
-        outs[name] = extras_out[e]
+        outs[name] = outputs["extras"][e]
     return outs

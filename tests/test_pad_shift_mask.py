@@ -314,27 +314,6 @@ def test_no_native_fallbacks(monkeypatch):
         pad_shift_mask([[1], [2.0]], pad_token_id=0, backend="triton" if _native.triton_available(CPU) else "torch")
 
 
-def test_torch_planner_matches_numpy_planner():
-    """The device planner (torch ops, used with offsets on the device) against the host one, on CPU tensors."""
-    rng = np.random.default_rng(1)
-    for trial in range(40):
-        B = int(rng.integers(1, 6))
-        n = rng.integers(0, 30, size=B)
-        off = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
-        flat = np.zeros(int(off[-1]), dtype=np.int64)
-        opts = M._options(0, -100, "max_length", int(rng.integers(1, 25)), True, ["right", "left"][trial % 2],
-                          ["left", "right"][trial // 2 % 2], [None, 4][trial // 4 % 2], None, torch.int64)
-        prompt = rng.integers(0, 40, size=B)
-        host = M._host_layout(M._Seqs("input_ids", flat=flat, offsets=off, lengths=np.diff(off)), None, prompt, opts,
-                              M.LABELS_DERIVED)
-        toff = torch.from_numpy(off)
-        dev = M._device_layout(M._Seqs("input_ids", flat=torch.from_numpy(flat), offsets=toff,
-                                       lengths=toff[1:] - toff[:-1]), None, torch.from_numpy(prompt), opts,
-                               M.LABELS_DERIVED)
-        assert (host.L, host.Ll) == (dev.L, dev.Ll)
-        assert np.array_equal(host.plan, dev.plan.numpy())
-
-
 # Hypothesis: random ragged batches and options, every backend against the reference.
 
 @st.composite

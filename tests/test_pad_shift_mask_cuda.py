@@ -1,17 +1,21 @@
 """The CUDA pad_shift_mask backend (csrc/pad_shift_mask.cu via pyseqpack.pad_shift_mask_cuda) against torch.
 
-Every GPU test runs pad_shift_mask(..., backend="cuda") and the plain reference backend="torch" on the same
-random ragged batch and requires identical outputs (same keys, dtypes and values): exact integer results, so
-no tolerance. Tests that need a CUDA device are skipped without one; the rest run everywhere: the library
-exports the entry point, the C entry point refuses bad arguments before any CUDA call, and the launcher
-rejects every malformed DeviceLaunch field with a ValueError naming it.
+Every GPU test compares the CUDA kernel with the plain reference backend="torch" on the same batch and requires
+identical outputs (same keys, dtypes and values): exact integer results, so no tolerance. Two ways in: the op,
+pad_shift_mask(..., backend="cuda"), and the launcher with a DeviceLaunch built by hand from the op's keyword
+arguments (flat buffers and their offsets; the kernel plans every row itself), which also feeds the kernel
+untrusted offsets and prompt lengths. Tests that need a CUDA device are skipped without one; the rest run
+everywhere: the library exports the entry point, the C entry point refuses bad arguments before any CUDA call,
+the launcher rejects every malformed DeviceLaunch field with a ValueError naming it, and its unchecked hot path
+builds the C arguments the checked path does.
 
-The grid, and why: padding side x truncation (none / right / left) x labels (none / derived with prompt
+The op grid, and why: padding side x truncation (none / right / left) x labels (none / derived with prompt
 lengths and loss masks / separate labels) x output dtype x input form. The forms reach each buffer type the
 kernel dispatches on: Python lists (packed into one buffer of the output dtype), flat int32 and int64 token
 tensors with host offsets (int32 extras and labels beside int64 tokens, bool and int32 loss masks), and flat
-int64 tokens with device offsets, which the op plans on the device. The batch shapes put rows of length 0
-next to rows that span one, two and four 256-column tiles (B = 1, 3, 29).
+int64 tokens with device offsets, which the kernel plans from directly. The batch shapes put rows of length 0
+next to rows that span one, two and four 256-column tiles (B = 1, 3, 29). The launcher grid crosses the same
+sides, truncations and labels with every token / output / side buffer / loss mask type and both launch paths.
 """
 import copy
 import ctypes
@@ -21,7 +25,7 @@ import pytest
 import torch
 
 from pyseqpack import _native
-from pyseqpack.pad_shift_mask import DeviceLaunch, pad_shift_mask
+from pyseqpack.pad_shift_mask import OUTPUT_KEYS, DeviceLaunch, pad_shift_mask
 
 _GPU = _native.cuda_built() and torch.cuda.is_available()
 built = pytest.mark.skipif(not _native.cuda_built(), reason="pyseqpack._cuda was not built (no nvcc at build time)")
@@ -78,7 +82,7 @@ def make_case(shape, side, truncation, label_mode, dtype, form, device, seed=0):
         kw.update(truncation=True, truncation_side=truncation, max_length=max(1, 2 * longest // 3),
                   padding="max_length")
     elif form == "device_offsets":
-        kw.update(padding="max_length", max_length=longest, truncation=True)  # device planning needs both
+        kw.update(padding="max_length", max_length=longest, truncation=True)  # device offsets without a sync need both
     else:
         kw["pad_to_multiple_of"] = 8
 
@@ -173,79 +177,179 @@ def test_only_some_outputs_and_empty_rows(dtype):
 # ------------------------------------------------------------------------------------------- the launcher on a GPU
 
 
-def _launch_args(rows, L, device, kind=1, plan_rows=None):
-    """A DeviceLaunch for right-padded rows and no prompt (plan per csrc/pad_shift_mask.h), writing every output
-    as int64: labels derived from the tokens (kind 1), or given separately as a copy of them (kind 2).
-    plan_rows overrides rows of the plan."""
-    tokens, offsets = _flat(rows, torch.int64, device)
-    plan = [[offsets[b], len(r), 0, 0, 0, offsets[b], len(r), 0] for b, r in enumerate(rows)]
-    for b, row in (plan_rows or {}).items():
-        plan[b] = row
-    outputs = {k: torch.full((len(rows), L), -7, dtype=torch.int64, device=device)
-               for k in ("input_ids", "attention_mask", "labels", "decoder_input_ids", "shift_labels",
-                         "position_ids", "loss_mask")}
-    return DeviceLaunch(plan=torch.tensor(plan, dtype=torch.int64, device=device), tokens=tokens, loss_masks=None,
-                        labels=tokens.clone() if kind == 2 else None, extras=None, extra_pads=None, outputs=outputs,
-                        L=L, Ll=L, labels_kind=kind, pad_token_id=PAD, label_pad_token_id=LABEL_PAD,
-                        decoder_start_token_id=DECODER_START)
+def _offsets(rows):
+    return _flat(rows, torch.int64, "cpu")[1]
 
 
-def _reference(rows, L, label_rows=None):
-    """What _launch_args' plan asks for, by the torch backend (label_rows: the separate labels of kind 2)."""
-    return pad_shift_mask(rows, labels="input_ids" if label_rows is None else label_rows,
-                          prompt_lengths=[0] * len(rows), pad_token_id=PAD, label_pad_token_id=LABEL_PAD,
-                          decoder_start_token_id=DECODER_START, padding="max_length", max_length=L,
-                          return_position_ids=True, return_shift_labels=True, return_loss_mask=True, backend="torch")
+def _device_launch(kw, ref, device, tok_dtype=torch.int64, side_dtype=torch.int64, mask_dtype=torch.uint8,
+                   offsets=None, label_offsets=None, prompt_lengths=None):
+    """The DeviceLaunch that asks the kernel for what pad_shift_mask(**kw) returned as `ref` (its keys, shapes
+    and dtype), with the op's row inputs as flat buffers on `device`: tokens of tok_dtype, separate labels and
+    extras of side_dtype, loss masks of mask_dtype; every output filled with -7 first. offsets, label_offsets
+    and prompt_lengths (lists) replace the true ones: the untrusted device values a kernel must survive."""
+    rows, labels, masks, extras = kw["input_ids"], kw.get("labels"), kw.get("loss_masks"), kw.get("extras") or {}
+    kind = 0 if labels is None else 1 if labels == "input_ids" else 2
+    tokens, tok_offsets = _flat(rows, tok_dtype, device, True)
+    lab_buf, lab_offsets = _flat(labels, side_dtype, device, True) if kind == 2 else (None, None)
+
+    def on_device(values):
+        return None if values is None else torch.tensor(values, dtype=torch.int64, device=device)
+
+    B, L = ref["input_ids"].shape
+    outputs = {k: torch.full(ref[k].shape, -7, dtype=ref[k].dtype, device=device) for k in OUTPUT_KEYS if k in ref}
+    if extras:
+        outputs["extras"] = torch.full((len(extras), B, L), -7, dtype=ref["input_ids"].dtype, device=device)
+    return DeviceLaunch(
+        tokens=tokens, offsets=tok_offsets if offsets is None else on_device(offsets),
+        loss_masks=None if masks is None else _flat(masks, mask_dtype, device)[0],
+        labels=lab_buf, label_offsets=lab_offsets if label_offsets is None else on_device(label_offsets),
+        prompt_lengths=on_device(kw.get("prompt_lengths") if prompt_lengths is None else prompt_lengths),
+        extras=torch.stack([_flat(v, side_dtype, device)[0] for v, _ in extras.values()]) if extras else None,
+        extra_pads=on_device([pad for _, pad in extras.values()]) if extras else None,
+        outputs=outputs, L=L, Ll=ref["labels"].shape[1] if kind else L,
+        max_length=kw["max_length"] if kw.get("truncation") else -1,
+        truncate_left=kw.get("truncation_side") == "left", pad_left=kw.get("padding_side") == "left",
+        labels_kind=kind, pad_token_id=PAD, label_pad_token_id=LABEL_PAD,
+        decoder_start_token_id=DECODER_START if kind else 0,
+    )
+
+
+def _op_kwargs(rows, side, truncation, labels, prompt_lengths, max_length, dtype=torch.int64):
+    """pad_shift_mask's keyword arguments (backend aside) asking for every output: padded to max_length, rounded
+    up to a multiple of 8 (so L can exceed max_length), and truncated to it when `truncation` is a side."""
+    kw = dict(input_ids=rows, labels=labels, prompt_lengths=prompt_lengths, pad_token_id=PAD,
+              label_pad_token_id=LABEL_PAD, padding="max_length", max_length=max_length,
+              truncation=truncation is not None, truncation_side=truncation or "right", padding_side=side,
+              pad_to_multiple_of=8, return_position_ids=True, return_loss_mask=prompt_lengths is not None,
+              dtype=dtype)
+    if labels is not None:
+        kw.update(return_shift_labels=True, decoder_start_token_id=DECODER_START)
+    return kw
+
+
+def _assert_written(args, kw, ref):
+    """Every output of the launch equals the reference's."""
+    for key in OUTPUT_KEYS:
+        if key in ref:
+            got = args.outputs[key].cpu()
+            assert torch.equal(got, ref[key]), f"{key}:\ncuda  {got}\ntorch {ref[key]}"
+    for e, name in enumerate(kw.get("extras") or {}):
+        assert torch.equal(args.outputs["extras"][e].cpu(), ref[name]), name
+
+
+# (output, token, separate labels and extras, loss masks) dtypes: each buffer type meets both token types
+BUFFER_TYPES = [
+    (torch.int64, torch.int64, torch.int32, torch.uint8),
+    (torch.int32, torch.int32, torch.int64, torch.int32),
+    (torch.int64, torch.int32, torch.int64, torch.int64),
+]
+
+
+@needs_gpu
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("types", BUFFER_TYPES, ids=lambda t: "-".join(str(d)[6:] for d in t))
+@pytest.mark.parametrize("label_mode", LABEL_MODES)
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_launch_matches_torch(side, truncation, label_mode, types, check):
+    out_dtype, tok_dtype, side_dtype, mask_dtype = types
+    rng = random.Random(f"{side}-{truncation}-{label_mode}-{types}")
+    top = 2**31 - 1 if torch.int32 in (out_dtype, tok_dtype) else 2**40
+    rows = _ragged(rng, 6, 600, 0, top)  # rows of 0 to 600 tokens: up to three 256-column tiles
+    labels = {"none": None, "derived": "input_ids",
+              "given": _ragged(rng, 6, 300, -100, min(top, 2**31 - 1) if side_dtype == torch.int32 else top)}
+    kw = _op_kwargs(rows, side, truncation, labels[label_mode], [rng.randint(0, len(r) + 1) for r in rows],
+                    600 if truncation is None else 400, out_dtype)
+    kw["extras"] = {"token_type_ids": ([[rng.randint(0, 1) for _ in r] for r in rows], 0),
+                    "special_tokens_mask": ([[rng.randint(0, 1) for _ in r] for r in rows], 1)}
+    if label_mode == "derived":
+        kw["loss_masks"] = [[rng.randint(0, 1) for _ in r] for r in rows]
+    ref = pad_shift_mask(backend="torch", **kw)
+    args = _device_launch(kw, ref, "cuda", tok_dtype, side_dtype, mask_dtype)
+    _cuda_launcher().launch(args, check=check)
+    _assert_written(args, kw, ref)
+
+
+# (entry of the offsets, its untrusted value): entry 0 only moves the first row's start, entry -1 only the last
+# row's end, so exactly one row reads the bad value. Rows of 5, 9 and 4 values: an 18-value buffer.
+BAD_OFFSETS = [
+    (-1, 19),           # the last row runs past the end of the buffer
+    (0, -1),            # the first row starts before it
+    (-1, 2**62),        # far outside: src + kept would overflow a careless bound check
+    (-1, 10),           # decreasing: the last row ends before it starts (an empty window)
+    (0, 2**63 - 1),     # the first row starts at INT64_MAX, past its end
+    (-1, 2**63 - 1),    # the last row spans INT64_MAX - 14 values
+    (0, -(2**63)),      # the first row spans more than INT64_MAX values (the span saturates)
+]
 
 
 @needs_gpu
 @pytest.mark.parametrize("window", ["tokens", "labels"])
-@pytest.mark.parametrize("src,kept", [
-    (16, 5),          # runs past the end of the 18-value buffer
-    (-1, 3),          # starts before it
-    (2**62, 4),       # far outside (src + kept would overflow a careless bound check)
-    (0, -5),          # negative count
-    (2**63 - 1, 2**63 - 1),
-])
-def test_plan_rows_outside_the_buffer_are_written_as_padding(window, src, kept):
-    rows, L = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33, 34]], 10
-    kind = 1 if window == "tokens" else 2
-    args = _launch_args(rows, L, "cuda", kind)
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("entry,value", BAD_OFFSETS)
+def test_offsets_outside_the_buffer_make_an_empty_row(entry, value, side, truncation, window):
+    rows = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33, 34]]
+    # Separate labels are a copy of the tokens, so the expected outputs are those of emptied rows either way.
+    # max_length 6 keeps the 5 values of the first bad window whole (right truncation to 4 would bring it back
+    # inside the buffer) and cuts row 1.
+    kw = _op_kwargs(rows, side, truncation, "input_ids" if window == "tokens" else rows, [2, 3, 1],
+                    10 if truncation is None else 6)
+    ref = pad_shift_mask(backend="torch", **kw)
+    args = _device_launch(kw, ref, "cuda")
     _cuda_launcher().launch(args)
-    for key, r in _reference(rows, L, None if kind == 1 else rows).items():  # the hand-made plan is right
-        assert torch.equal(args.outputs[key].cpu(), r), key
+    _assert_written(args, kw, ref)  # the true offsets
 
-    # Row 1's token (or label) window leaves its buffer: that row comes out as an empty one (its tokens, or
-    # its labels), the other rows as before.
-    n1, off1 = len(rows[1]), len(rows[0])
-    bad = [src, kept, 0, 0, 0, src, kept, 0] if kind == 1 else [off1, n1, 0, 0, 0, src, kept, 0]
-    args = _launch_args(rows, L, "cuda", kind, {1: bad})
+    # The bad row comes out as an empty one (its tokens, or its labels), the other rows as before.
+    bad = _offsets(rows)
+    bad[entry] = value
+    empty = 0 if entry == 0 else len(rows) - 1
+    fixed = [[] if b == empty else r for b, r in enumerate(rows)]
+    expected = pad_shift_mask(backend="torch", **dict(kw, **{"input_ids" if window == "tokens" else "labels": fixed}))
+    given = {"offsets": bad} if window == "tokens" else {"label_offsets": bad}
+    args = _device_launch(kw, expected, "cuda", **given)
     _cuda_launcher().launch(args)
-    fixed = [rows[0], [], rows[2]]
-    ref = _reference(fixed, L) if kind == 1 else _reference(rows, L, fixed)
-    for key, r in ref.items():
-        assert torch.equal(args.outputs[key].cpu(), r), key
+    _assert_written(args, kw, expected)
 
 
 @needs_gpu
-def test_launch_is_capturable_in_a_cuda_graph():
-    # No host sync in the launcher or the kernel: it records into a graph, and replays read the buffers anew.
-    rows, L = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]], 300
-    args = _launch_args(rows, L, "cuda")
+@pytest.mark.parametrize("truncation", TRUNCATIONS)
+def test_prompt_lengths_are_clamped(truncation):
+    # Prompt lengths on the device are not checked either: below 0 they act as 0, past the row as the whole row.
+    rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16]]
+    untrusted = [-5, -(2**63), 2**63 - 1, 2**62]
+    kw = _op_kwargs(rows, "right", truncation, "input_ids", [0, 0, 6, 3], 8 if truncation is None else 4)
+    ref = pad_shift_mask(backend="torch", **kw)
+    args = _device_launch(kw, ref, "cuda", prompt_lengths=untrusted)
+    _cuda_launcher().launch(args)
+    _assert_written(args, kw, ref)
+
+
+@needs_gpu
+@pytest.mark.parametrize("check", [True, False])
+def test_launch_is_capturable_in_a_cuda_graph(check):
+    # No host sync in the launcher or the kernel: it records into a graph, and each replay reads the buffers
+    # anew, offsets included (the kernel plans the rows at run time).
+    rows = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    new_rows = [[101, 102, 103, 104, 105, 106, 107, 108], [], [109, 110, 111]]  # as many tokens, split anew
+    kw = _op_kwargs(rows, "right", None, "input_ids", [1, 2, 0], 300)
+    ref = pad_shift_mask(backend="torch", **kw)
+    args = _device_launch(kw, ref, "cuda")
     launcher = _cuda_launcher()
-    launcher.launch(args)  # warm-up outside the capture
+    launcher.launch(args, check=check)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        launcher.launch(args)
-    new_rows = [[100 + v for v in r] for r in rows]
-    args.tokens.copy_(_flat(new_rows, torch.int64, "cuda")[0])
+        launcher.launch(args, check=check)
+    new_tokens, new_offsets = _flat(new_rows, torch.int64, "cuda", True)
+    args.tokens.copy_(new_tokens)
+    args.offsets.copy_(new_offsets)
     for t in args.outputs.values():
         t.fill_(-7)
     graph.replay()
     torch.cuda.synchronize()
-    for key, r in _reference(new_rows, L).items():
-        assert torch.equal(args.outputs[key].cpu(), r), key
+    new_kw = dict(kw, input_ids=new_rows)
+    _assert_written(args, new_kw, pad_shift_mask(backend="torch", **new_kw))
 
 
 @needs_gpu
@@ -281,27 +385,32 @@ def test_c_entry_point_refuses_bad_arguments_before_any_cuda_call():
     lib = _cuda_launcher()._lib()
     invalid = 1  # cudaErrorInvalidValue
     outs = (ctypes.c_void_p * 7)()
-    plan = ctypes.c_int64(0)
+    word = ctypes.c_int64(0)
+    addr = ctypes.addressof(word)
 
-    def call(B=1, L=4, Ll=4, tokens_code=0, mask=None, mask_code=0, kind=0, labels_code=0, n_extras=0,
-             extras_code=0, out_code=0, plan_ptr=ctypes.addressof(plan)):
-        return lib.pyseqpack_psm_fill(plan_ptr, B, L, Ll, None, 0, tokens_code, mask, mask_code, kind, None, 0,
-                                      labels_code, outs, None, n_extras, extras_code, None, None, 0, -100, 0,
-                                      out_code, None)
+    def call(B=1, L=4, Ll=4, offsets=addr, label_offsets=None, tokens_code=0, mask=None, mask_code=0, kind=0,
+             labels_code=0, n_extras=0, extras_code=0, out_code=0):
+        return lib.pyseqpack_psm_fill(offsets, label_offsets, None, B, L, Ll, -1, 0, 0, None, 0, tokens_code, mask,
+                                      mask_code, kind, None, 0, labels_code, outs, None, n_extras, extras_code, None,
+                                      None, 0, -100, 0, out_code, None)
 
     assert call() == 0  # nothing requested: nothing to launch
-    assert call(B=0, plan_ptr=None) == 0  # an empty batch
+    assert call(kind=2, label_offsets=addr) == 0
+    assert call(B=0, offsets=None) == 0  # an empty batch reads no offsets
     assert call(B=-1) == invalid
     assert call(L=-1) == invalid
+    assert call(Ll=-1) == invalid
     assert call(kind=3) == invalid
     assert call(tokens_code=2) == invalid  # uint8 tokens
     assert call(out_code=5) == invalid
-    assert call(mask=ctypes.addressof(plan), mask_code=3) == invalid
-    assert call(kind=2, labels_code=2) == invalid  # uint8 labels
+    assert call(mask=addr, mask_code=3) == invalid
+    assert call(kind=2, label_offsets=addr, labels_code=2) == invalid  # uint8 labels
     assert call(n_extras=1) == invalid  # extras without buffers
     assert call(L=65535 * 256 + 1) == invalid  # more column tiles than a grid holds
-    assert call(plan_ptr=None) == invalid
-    outs[2] = ctypes.addressof(plan)
+    assert call(offsets=None) == invalid
+    assert call(kind=2) == invalid  # separate labels without their offsets
+    assert call(kind=1, Ll=5) == invalid  # derived labels share the token columns
+    outs[2] = addr
     assert call(kind=0) == invalid  # a labels output without labels
 
 
@@ -311,14 +420,17 @@ def test_check_return_raises_with_the_cuda_error_string():
         _cuda_launcher()._check_return(1)
 
 
-def _valid_cpu_args():
+def _valid_cpu_args(kind=1):
+    """A valid DeviceLaunch on the CPU (the launcher's checks need no GPU): two rows, derived labels with loss
+    masks (kind 1), none (0) or separate labels (2), prompt lengths, two int32 extras, int64 outputs [2, 8]
+    (max_length 4, left truncation)."""
     rows = [[1, 2, 3], [4, 5]]
-    args = _launch_args(rows, 4, "cpu")
-    args.extras = torch.zeros((2, 5), dtype=torch.int32)
-    args.extra_pads = torch.zeros(2, dtype=torch.int64)
-    args.outputs["extras"] = torch.zeros((2, 2, 4), dtype=torch.int64)
-    args.loss_masks = torch.ones(5, dtype=torch.uint8)
-    return args
+    labels = {0: None, 1: "input_ids", 2: [[7], [8, 9, 10]]}[kind]
+    kw = _op_kwargs(rows, "right", "left", labels, [1, 0], 4)
+    kw["extras"] = {"token_type_ids": ([[0, 0, 1], [1, 1]], 0), "special_tokens_mask": ([[1, 0, 0], [0, 0]], 1)}
+    if kind == 1:
+        kw["loss_masks"] = [[1, 0, 1], [1, 1]]
+    return _device_launch(kw, pad_shift_mask(backend="torch", **kw), "cpu", side_dtype=torch.int32)
 
 
 def _set(**fields):
@@ -335,30 +447,49 @@ def _set_output(key, value):
 
 
 @pytest.mark.parametrize("mutate,message", [
-    (_set(plan=torch.zeros((2, 7), dtype=torch.int64)), r"plan must have shape \[2, 8\]"),
-    (_set(plan=torch.zeros((2, 8), dtype=torch.int32)), "plan must have dtype torch.int64"),
-    (_set(plan=torch.zeros((8, 2), dtype=torch.int64).t()), "plan must be contiguous"),
+    (_set(tokens=[1, 2, 3, 4, 5]), "tokens must be a torch.Tensor, got list"),
+    (_set(tokens=torch.zeros(5, dtype=torch.int16)), "tokens must have dtype torch.int64 or torch.int32"),
+    (_set(tokens=torch.zeros((5, 1), dtype=torch.int64)), r"tokens must have shape \[5\]"),
+    (_set(offsets=torch.zeros((3, 1), dtype=torch.int64)), r"offsets must be a 1-D tensor of B \+ 1 >= 1 entries"),
+    (_set(offsets=torch.zeros(1, dtype=torch.int64).expand(2**31 + 1)), "B = 2147483648 rows; one launch takes"),
+    (_set(offsets=torch.zeros(3, dtype=torch.int64, device="meta")), "offsets must be on cpu .*, got meta"),
+    (_set(offsets=torch.zeros(3, dtype=torch.int32)), "offsets must have dtype torch.int64"),
+    (_set(offsets=torch.zeros(6, dtype=torch.int64)[::2]), "offsets must be contiguous"),
+    (_set(offsets=torch.zeros(4, dtype=torch.int64), prompt_lengths=None),  # B = 3
+     r"outputs\['input_ids'\] must have shape \[3, 8\]"),
     (_set(mode=1), "mode 1 is not built"),
     (_set(labels_kind=4), "labels_kind must be 0"),
     (_set(L=-1), r"L = -1 is outside \[0,"),
     (_set(Ll=5), "derived labels .* need Ll == L"),
-    (_set(tokens=torch.zeros(5, dtype=torch.int16)), "tokens must have dtype torch.int64 or torch.int32"),
-    (_set(tokens=torch.zeros((5, 1), dtype=torch.int64)), r"tokens must have shape \[5\]"),
+    (_set(max_length=-2), r"max_length = -2 is outside \[-1,"),
+    (_set(max_length=None), "max_length must be an int"),
+    (_set(truncate_left=1), "truncate_left must be a bool, got 1"),
+    (_set(pad_left="left"), "pad_left must be a bool"),
+    (_set(prompt_lengths=torch.zeros(3, dtype=torch.int64)), r"prompt_lengths must have shape \[2\]"),
+    (_set(prompt_lengths=torch.zeros(2, dtype=torch.int32)), "prompt_lengths must have dtype torch.int64"),
     (_set(loss_masks=torch.ones(4, dtype=torch.uint8)), r"loss_masks must have shape \[5\]"),
     (_set(loss_masks=torch.ones(5, dtype=torch.bool)), "loss_masks must have dtype"),
-    (_set(labels=torch.zeros(3, dtype=torch.int64)), "`labels` is only read with labels_kind 2"),
     (_set(labels_kind=2, loss_masks=None), "labels_kind 2 needs the `labels` buffer"),
+    (_set(labels_kind=2, loss_masks=None, labels=torch.zeros(3, dtype=torch.int64)),
+     "label_offsets must be a torch.Tensor, got NoneType"),
+    (_set(labels_kind=2, loss_masks=None, labels=torch.zeros(3, dtype=torch.int64),
+          label_offsets=torch.zeros(2, dtype=torch.int64)), r"label_offsets must have shape \[3\]"),
+    (_set(labels_kind=2, loss_masks=None, labels=torch.zeros((3, 1), dtype=torch.int64),
+          label_offsets=torch.zeros(3, dtype=torch.int64)), r"labels must have shape \[3\]"),
+    (_set(labels=torch.zeros(3, dtype=torch.int64)), "`labels` and `label_offsets` are only read with labels_kind 2"),
+    (_set(label_offsets=torch.zeros(3, dtype=torch.int64)), "`label_offsets` are only read with labels_kind 2"),
     (_set(extras=torch.zeros((2, 4), dtype=torch.int32)), r"extras must have shape \[2, 5\]"),
     (_set(extra_pads=torch.zeros(3, dtype=torch.int64)), r"extra_pads must have shape \[2\]"),
     (_set(extra_pads=None), "extra_pads must be a torch.Tensor"),
+    (_set(extras=None), "extra_pads is only read with extras"),
     (_set_output("extras", None), r"outputs\['extras'\] .* must be given exactly when there are extras"),
-    (_set_output("extras", torch.zeros((2, 4, 2), dtype=torch.int64)), r"outputs\['extras'\] must have shape"),
+    (_set_output("extras", torch.zeros((2, 8, 2), dtype=torch.int64)), r"outputs\['extras'\] must have shape"),
     (_set_output("input_ids", torch.zeros((2, 5), dtype=torch.int64)),
-     r"outputs\['input_ids'\] must have shape \[2, 4\]"),
-    (_set_output("labels", torch.zeros((2, 4), dtype=torch.int32)), "every output must have the same dtype"),
-    (_set_output("shift_labels", torch.zeros((4, 2), dtype=torch.int64).t()), "must be contiguous"),
-    (_set_output("input_ids", torch.zeros((2, 4), dtype=torch.float32)), "must have dtype"),
-    (_set_output("logits", torch.zeros((2, 4), dtype=torch.int64)), r"unknown keys \['logits'\]"),
+     r"outputs\['input_ids'\] must have shape \[2, 8\]"),
+    (_set_output("labels", torch.zeros((2, 8), dtype=torch.int32)), "every output must have the same dtype"),
+    (_set_output("shift_labels", torch.zeros((8, 2), dtype=torch.int64).t()), "must be contiguous"),
+    (_set_output("input_ids", torch.zeros((2, 8), dtype=torch.float32)), "must have dtype"),
+    (_set_output("logits", torch.zeros((2, 8), dtype=torch.int64)), r"unknown keys \['logits'\]"),
     (_set(outputs=[]), "outputs must be a dict"),
     (_set(pad_token_id=2**63), "pad_token_id = .* is outside the output dtype"),
     (_set(label_pad_token_id=None), "label_pad_token_id must be an int"),
@@ -379,9 +510,41 @@ def test_launcher_checks_labels_and_devices():
     for key in ("labels", "decoder_input_ids", "shift_labels"):
         del args.outputs[key]
     _cuda_launcher()._arguments(args)  # valid now
-    with pytest.raises(ValueError, match="the CUDA kernel needs CUDA tensors, got plan and buffers on cpu"):
+    with pytest.raises(ValueError, match="the CUDA kernel needs CUDA tensors, got tokens and buffers on cpu"):
         _cuda_launcher().launch(args)
     if torch.cuda.is_available():
-        args.tokens = args.tokens.cuda()
-        with pytest.raises(ValueError, match="tokens must be on cpu"):
+        args.offsets = args.offsets.cuda()
+        with pytest.raises(ValueError, match="offsets must be on cpu"):
             _cuda_launcher()._arguments(args)
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_unchecked_arguments_are_the_checked_ones(kind):
+    # launch(check=False), the op's hot path, skips the checks but must hand the C entry point what the checked
+    # path does: compared with each other, and with the C signature's arguments written out by name.
+    launcher = _cuda_launcher()
+    args = _valid_cpu_args(kind)
+
+    def values(c_args):
+        return [tuple(v) if isinstance(v, ctypes.Array) else v for v in c_args]
+
+    checked, unchecked = values(launcher._arguments(args)), values(launcher._c_arguments(args))
+    assert checked == unchecked
+
+    def ptr(t):
+        return None if t is None else t.data_ptr()
+
+    lab, out = args.labels, args.outputs
+    assert unchecked == [
+        ptr(args.offsets), ptr(args.label_offsets), ptr(args.prompt_lengths), 2,  # B
+        8, args.Ll, 4, True, False,  # L (max_length 4 rounded up to 8), Ll, max_length, trunc_left, pad_left
+        ptr(args.tokens), 5, 0,  # tokens, n_tokens, int64
+        ptr(args.loss_masks), 2 if kind == 1 else 0,  # uint8 masks
+        kind, ptr(lab), 0 if lab is None else lab.numel(), 1 if kind == 2 else 0,  # int32 labels
+        tuple(ptr(out.get(k)) for k in OUTPUT_KEYS),
+        ptr(args.extras), 2, 1, ptr(args.extra_pads), ptr(out["extras"]),  # 2 int32 extras
+        PAD, LABEL_PAD, args.decoder_start_token_id,
+        0,  # int64 outputs
+    ]
+    if _native.cuda_built():
+        assert len(launcher._lib().pyseqpack_psm_fill.argtypes) == len(unchecked) + 1  # + the stream

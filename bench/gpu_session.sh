@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Everything a GPU machine is needed for, in as few calls as possible (a bare machine with torch, triton,
+# nvcc, pytest, pytest-benchmark, hypothesis and transformers, no internet). From the repository root:
+#
+#   bash bench/gpu_session.sh prepare          # HERE (with internet): fetch the wheels the GPU machine lacks
+#   bash bench/gpu_session.sh tests            # THERE: build, env report, every GPU test             (~5 min)
+#   bash bench/gpu_session.sh sanitize         # THERE: build, compute-sanitizer memcheck + racecheck  (~5 min)
+#   bash bench/gpu_session.sh bench [ARGS...]  # THERE: build, `python -m pyseqpack bench ARGS`        (~8 min)
+#
+# Every step after `prepare` builds first (sm_90 only, to save time) and writes its logs and results under
+# $OUT (default /tmp/pyseqpack-gpu); `bench` writes its report folder there too (copy it to bench/results/
+# and commit it: it records the device, versions, date and command).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+step=${1:-}
+shift || true
+OUT=${OUT:-/tmp/pyseqpack-gpu}
+WHEELS=(liger-kernel==0.8.5)  # pure Python; quack needs CUTLASS's DSL, not carried
+
+if [ "$step" = prepare ]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
+    echo "now pass carry=[\".whl\"] to the device calls"
+    exit
+fi
+
+mkdir -p "$OUT"
+py=python3
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site
+fi
+# Build and install (pyseqpack's build needs no torch; the CUDA kernels must build here: PYSEQPACK_CUDA=1).
+export PYSEQPACK_CUDA=1 PYSEQPACK_CUDA_ARCH=${PYSEQPACK_CUDA_ARCH:-90} MAX_JOBS=${MAX_JOBS:-8}
+if ! $py -m pip install --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"
+    exit 1
+fi
+# Run from outside the checkout so that the installed package (with its compiled modules) is imported.
+export PYTHONUNBUFFERED=1 REPO=$PWD
+(cd /tmp && $py -m pyseqpack env) | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/env.txt" 2>&1
+
+case "$step" in
+tests)
+    # The GPU tests (CUDA and Triton-on-CUDA parity, CUDA graphs, >2^31 offsets) plus the whole suite on the GPU.
+    cd /tmp && timeout 520 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" \
+        "$REPO/tests" -m "slow or not slow" -x --durations=15 2>&1 | tee "$OUT/tests.log"
+    ;;
+sanitize)
+    # memcheck and racecheck on the native CUDA kernels (the Triton ones are checked by the parity tests).
+    cd /tmp
+    for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+            pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" \
+            "$REPO/tests/test_pad_shift_mask_cuda.py" "$REPO/tests/test_cross_entropy_cuda.py" -k "not 2_pow_31" \
+            2>&1 | tail -40 | tee "$OUT/sanitize-$tool.log"
+        echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize-$tool.log"
+    done
+    ;;
+bench)
+    cd /tmp && timeout 540 $py -m pyseqpack bench --bench-dir "$REPO/bench" --out "$OUT/results" "$@" 2>&1 \
+        | tee "$OUT/bench.log"
+    ;;
+*)
+    echo "usage: bash bench/gpu_session.sh prepare|tests|sanitize|bench [bench args]" >&2
+    exit 2
+    ;;
+esac
