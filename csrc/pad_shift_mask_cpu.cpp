@@ -374,9 +374,16 @@ void raise_failure(const Failure& fl) {
 
 // ---- the per-row kernel -------------------------------------------------------------------------------------
 
-// The output loops below are plain per-element calls of pad_shift_mask.h. Baseline x86-64 (SSE2) has no 64-bit
-// vector compare, so they only vectorize with AVX2: on x86-64 Linux each writer is compiled twice and the loader
-// picks the AVX2 clone when the CPU has it (GCC/Clang function multiversioning); elsewhere one plain version.
+// The output loops below evaluate the per-element functions of pad_shift_mask.h (what the CUDA kernel runs,
+// one thread per element) by column segments. Once row() has checked 0 <= kept <= width, an output row is
+// [0, col) padding, [col, col + kept) the kept values and [col + kept, width) padding, and inside the middle
+// segment is_kept() holds. So each loop is a fill, a copy, or a branch-free select on values it may read
+// unconditionally: they vectorize into plain stores and loads (no masked loads), and the row costs about what
+// copying its bytes costs. The labels are built once per row in an int64 scratch row (L1-resident) from which
+// labels, shift_labels and decoder_input_ids are copied. Parity with the reference is what the tests check.
+// Baseline x86-64 (SSE2) has no 64-bit vector compare, so the selects only vectorize with AVX2: on x86-64
+// Linux each writer is compiled twice and the loader picks the AVX2 clone when the CPU has it (GCC/Clang
+// function multiversioning); elsewhere one plain version.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define PSM_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
@@ -386,16 +393,32 @@ void raise_failure(const Failure& fl) {
 
 enum Out { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
 
-// One example: its Row (psm::plan_row), its staged inputs (row pointers indexed by the kept index) and its output rows.
+// One example: its Row (psm::plan_row, with kept <= width checked), its staged inputs (row pointers indexed by
+// the kept index) and its output rows.
 struct RowJob {
   psm::Row r;
   const int64_t* tok;
   const int64_t* mask;  // nullptr: no loss masks
   const int64_t* lab;   // nullptr: labels are not given separately
+  int64_t* label_row;   // scratch of Ll values: the padded labels
   int64_t L, Ll, pad, label_pad, decoder_start;
   int32_t kind;
   void* out[kNumOut];  // row b of each output, nullptr when not requested
 };
+
+template <typename OutT>
+PSM_ALWAYS_INLINE void fill(OutT* o, int64_t from, int64_t to, int64_t v) {
+  for (int64_t j = from; j < to; ++j) o[j] = static_cast<OutT>(v);
+}
+
+// input_id / extra / given_label: pad, the kept values, pad.
+template <typename OutT>
+PSM_ALWAYS_INLINE void place(OutT* o, int64_t width, int64_t col, int64_t kept, const int64_t* x, int64_t pad) {
+  fill(o, 0, col, pad);
+  OutT* body = o + col;
+  for (int64_t k = 0; k < kept; ++k) body[k] = static_cast<OutT>(x[k]);
+  fill(o, col + kept, width, pad);
+}
 
 template <typename OutT>
 PSM_ALWAYS_INLINE void write_outputs(const RowJob& job) {
@@ -404,44 +427,63 @@ PSM_ALWAYS_INLINE void write_outputs(const RowJob& job) {
   const psm::Row r = job.r;
   const int64_t *t = job.tok, *m = job.mask, *g = job.lab;
   const int64_t L = job.L, Ll = job.Ll, pad = job.pad, label_pad = job.label_pad, start = job.decoder_start;
-  const int32_t kind = job.kind;
-  // [B, L] outputs: one tight loop per requested output over the row's columns.
-  if (auto* o = static_cast<OutT*>(job.out[kIds]))
-    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::input_id(j, r, t, pad));
-  if (auto* o = static_cast<OutT*>(job.out[kAttn]))
-    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::attention(j, r));
-  if (auto* o = static_cast<OutT*>(job.out[kPos]))
-    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::position_id(j, r));
-  if (auto* o = static_cast<OutT*>(job.out[kLoss]))
-    for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::loss_mask(j, r));
-  // [B, Ll] outputs.
+  const int64_t col = r.tok_col, kept = r.tok_kept, end = col + kept;
+  // [B, L] outputs.
+  if (auto* o = static_cast<OutT*>(job.out[kIds])) place(o, L, col, kept, t, pad);
+  if (auto* o = static_cast<OutT*>(job.out[kAttn])) {
+    fill(o, 0, col, 0);
+    fill(o, col, end, 1);
+    fill(o, end, L, 0);
+  }
+  if (auto* o = static_cast<OutT*>(job.out[kPos])) {  // clamp(j - col, 0, max(kept - 1, 0))
+    fill(o, 0, col, 0);
+    for (int64_t k = 0; k < kept; ++k) o[col + k] = static_cast<OutT>(k);
+    fill(o, end, L, kept > 0 ? kept - 1 : 0);
+  }
+  if (auto* o = static_cast<OutT*>(job.out[kLoss])) {  // kept, k >= loss_from, and not the last kept token
+    fill(o, 0, col, 0);
+    for (int64_t k = 0; k < kept; ++k) o[col + k] = static_cast<OutT>(k >= r.loss_from && k != kept - 1);
+    fill(o, end, L, 0);
+  }
+  // [B, Ll] outputs, from the padded labels.
+  if (job.kind == psm::kNoLabels || !(job.out[kLabels] || job.out[kShift] || job.out[kDecoder])) return;
+  int64_t* lr = job.label_row;
+  if (job.kind == psm::kGivenLabels) {
+    place(lr, Ll, r.lab_col, r.lab_kept, g, label_pad);
+  } else {  // derived: the prompt (k < label_from) and tokens whose loss mask is 0 become label_pad
+    const int64_t from = r.label_from < kept ? r.label_from : kept;
+    fill(lr, 0, col + from, label_pad);
+    if (m != nullptr)
+      for (int64_t k = from; k < kept; ++k) lr[col + k] = m[k] != 0 ? t[k] : label_pad;
+    else
+      for (int64_t k = from; k < kept; ++k) lr[col + k] = t[k];
+    fill(lr, end, Ll, label_pad);
+  }
   if (auto* o = static_cast<OutT*>(job.out[kLabels]))
-    for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(psm::label(j, r, kind, t, m, g, label_pad));
-  if (auto* o = static_cast<OutT*>(job.out[kShift]))
-    for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(psm::shift_label(j, Ll, r, kind, t, m, g, label_pad));
-  if (auto* o = static_cast<OutT*>(job.out[kDecoder]))
-    for (int64_t j = 0; j < Ll; ++j)
-      o[j] = static_cast<OutT>(psm::decoder_input_id(j, r, kind, t, m, g, label_pad, start, pad));
+    for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(lr[j]);
+  if (Ll == 0) return;
+  if (auto* o = static_cast<OutT*>(job.out[kShift])) {  // labels[j + 1]; nothing follows the last column
+    for (int64_t j = 0; j + 1 < Ll; ++j) o[j] = static_cast<OutT>(lr[j + 1]);
+    o[Ll - 1] = static_cast<OutT>(label_pad);
+  }
+  if (auto* o = static_cast<OutT*>(job.out[kDecoder])) {  // start, then labels[j - 1]; -100 becomes pad
+    o[0] = static_cast<OutT>(start == psm::kIgnoreLabel ? pad : start);
+    for (int64_t j = 1; j < Ll; ++j) o[j] = static_cast<OutT>(lr[j - 1] == psm::kIgnoreLabel ? pad : lr[j - 1]);
+  }
 }
 
 PSM_SIMD_CLONES void write_outputs_i32(const RowJob& job) { write_outputs<int32_t>(job); }
 PSM_SIMD_CLONES void write_outputs_i64(const RowJob& job) { write_outputs<int64_t>(job); }
 
-template <typename OutT>
-PSM_ALWAYS_INLINE void write_extra(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
-  auto* o = static_cast<OutT*>(out);
-  for (int64_t j = 0; j < L; ++j) o[j] = static_cast<OutT>(psm::extra(j, r, x, pad));
-}
-
 PSM_SIMD_CLONES void write_extra_i32(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
-  write_extra<int32_t>(r, x, pad, L, out);
+  place(static_cast<int32_t*>(out), L, r.tok_col, r.tok_kept, x, pad);
 }
 PSM_SIMD_CLONES void write_extra_i64(const psm::Row r, const int64_t* x, int64_t pad, int64_t L, void* out) {
-  write_extra<int64_t>(r, x, pad, L, out);
+  place(static_cast<int64_t*>(out), L, r.tok_col, r.tok_kept, x, pad);
 }
 
 struct Scratch {
-  std::vector<int64_t> tok, mask, lab, extra;
+  std::vector<int64_t> tok, mask, lab, extra, label_row;
 };
 
 struct Problem {
@@ -471,11 +513,13 @@ struct Problem {
     int64_t tok_start, tok_end, lab_start = 0, lab_end = 0;
     bounds(tok, b, &tok_start, &tok_end);
     if (kind == psm::kGivenLabels) bounds(lab, b, &lab_start, &lab_end);
+    if (static_cast<int64_t>(s.label_row.size()) < Ll) s.label_row.resize(static_cast<size_t>(Ll));
     RowJob job{psm::plan_row(tok_start, tok_end, lab_start, lab_end, kind, prompt != nullptr,
                              prompt != nullptr ? prompt[b] : 0, layout),
-               nullptr, nullptr, nullptr, L, Ll, pad, label_pad, decoder_start, kind, {}};
+               nullptr, nullptr, nullptr, s.label_row.data(), L, Ll, pad, label_pad, decoder_start, kind, {}};
     const psm::Row& r = job.r;
-    // Python measured the widths from the same lengths: a longer row means the example changed meanwhile.
+    // Python measured the widths from the same lengths: a longer row means the example changed meanwhile. From
+    // here on 0 <= kept <= width, which the column segments of write_outputs rely on.
     if (r.tok_kept > L) return fail(fl, Fault::kChanged, tok, b, 0, 0);
     if (r.lab_kept > Ll) return fail(fl, Fault::kChanged, lab, b, 0, 0);
     if (!stage(tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
