@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SUITE_FILES = {"collate": ["bench_collate.py"], "ce": ["bench_cross_entropy.py"]}
+SUITE_FILES = {"collate": ["bench_collate.py", "bench_collators.py"], "ce": ["bench_cross_entropy.py"]}
 SUITE_FILES["all"] = SUITE_FILES["collate"] + SUITE_FILES["ce"]
 
 # Distributions whose versions every result records (read from metadata: nothing is imported).
