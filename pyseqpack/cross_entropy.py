@@ -104,9 +104,11 @@ def torch_fwd_bwd(
         loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
         d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
     Each chunk is upcast once; its gradient is written only after everything it needs was computed, so
-    ``grad is logits`` is safe. Full passes per chunk: argmax, log_softmax (torch's fused kernel), exp and
-    scale in place, one write; the rest are per-row gathers. Few large ops rather than many small ones: each op
-    on CPU is a parallel region, whose start-up dominates small chunks on a busy machine.
+    ``grad is logits`` is safe. Full passes per chunk: the fp32 upcast (bf16 / fp16 logits), argmax, softmax
+    (torch's fused kernel, written straight into an fp32 gradient), one scale in place, and the conversion
+    into a bf16 / fp16 gradient; the rest are per-row gathers. (Writing bf16 straight from fp32 operands with
+    torch.mul(..., out=) is slower on CPU than the in-place scale plus one copy.) Few large ops rather than many small ones: each op on CPU is a parallel region, whose
+    start-up dominates small chunks on a busy machine.
     """
     n, v = logits.shape
     eps, z = float(label_smoothing), float(z_loss)
@@ -126,15 +128,23 @@ def torch_fwd_bwd(
         valid = (y != ignore_index) & (y >= 0) & (y < v)
         y0 = torch.where(valid, y, 0)
         arg = x.argmax(dim=-1)  # the first index of the max
-        logp = torch.log_softmax(x, dim=-1)
-        # lse = x_j - log p_j for any j; at the argmax both are finite even when the row holds -inf
-        lse_c = (x.gather(1, arg[:, None]) - logp.gather(1, arg[:, None]))[:, 0]
-        nll = -logp.gather(1, y0[:, None])[:, 0]
+        out = grad[r0:r1] if grad is not None else None
+        # p = softmax(x), into the fp32 gradient's memory when there is one (x is read by nothing after it but
+        # the row gathers below, done first when x aliases that memory).
+        x_arg = x.gather(1, arg[:, None])[:, 0]
+        x_y = x.gather(1, y0[:, None])[:, 0]
+        mean_x = x.mean(-1) if eps != 0 and w is None else None
+        x_w = x @ w if w is not None and eps != 0 else None
+        p = torch.softmax(x, dim=-1, out=out) if out is not None and out.dtype == torch.float32 else torch.softmax(x, -1)
+        # lse = x_j - log p_j for any j; at the argmax p_j >= 1 / V, so the log is exact even where the row holds
+        # -inf or tiny probabilities (nll = lse - x_y never takes the log of an underflowed p_y)
+        lse_c = x_arg - torch.log(p.gather(1, arg[:, None])[:, 0])
+        nll = lse_c - x_y
         if w is None:
-            row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - x.mean(-1))
+            row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - mean_x)
         else:
             w_y = w[y0]
-            row_loss = (1 - eps) * w_y * nll + (eps / v) * (w_sum * lse_c - x @ w)
+            row_loss = (1 - eps) * w_y * nll + ((eps / v) * (w_sum * lse_c - x_w) if eps != 0 else 0.0)
         if z != 0:
             row_loss = row_loss + z * lse_c * lse_c
         loss[r0:r1] = torch.where(valid, row_loss, 0.0)
@@ -148,11 +158,8 @@ def torch_fwd_bwd(
         scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
-        # p = exp(log p): straight into an fp32 gradient (x is not read any more, so this is safe even when
-        # grad is the logits), else in log_softmax's memory and converted once at the end
-        out = grad[r0:r1]
-        g = torch.exp(logp, out=out) if out.dtype == torch.float32 else logp.exp_()
-        g.mul_((a * scale)[:, None])
+        coef = (a * scale)[:, None]
+        g = p.mul_(coef)
         if eps != 0:
             g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
         g.scatter_add_(1, y0[:, None], -(hot * scale)[:, None])
