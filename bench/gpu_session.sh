@@ -16,16 +16,23 @@ step=${1:-}
 shift || true
 OUT=${OUT:-/tmp/pyseqpack-gpu}
 WHEELS=(liger-kernel==0.8.5)  # pure Python; quack needs CUTLASS's DSL, not carried
+case "$step" in
+prepare | tests | sanitize | bench) ;;
+*)
+    echo "usage: bash bench/gpu_session.sh prepare|tests|sanitize|bench [bench args]" >&2
+    exit 2
+    ;;
+esac
 
 if [ "$step" = prepare ]; then
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    ${PYTHON:-python3} -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}"
     echo "now pass carry=[\".whl\"] to the device calls"
     exit
 fi
 
 mkdir -p "$OUT"
-py=python3
+py=${PYTHON:-python3}
 if ls .whl/*.whl >/dev/null 2>&1; then
     $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
@@ -61,9 +68,5 @@ sanitize)
 bench)
     cd /tmp && timeout 540 $py -m pyseqpack bench --bench-dir "$REPO/bench" --out "$OUT/results" "$@" 2>&1 \
         | tee "$OUT/bench.log"
-    ;;
-*)
-    echo "usage: bash bench/gpu_session.sh prepare|tests|sanitize|bench [bench args]" >&2
-    exit 2
     ;;
 esac
