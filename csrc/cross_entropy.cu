@@ -1,6 +1,6 @@
-// Fused cross-entropy on CUDA: per-row loss, log-sum-exp, token accuracy and (optionally) the gradient,
-// one CTA per row of logits. The CUDA backend of pyseqpack.cross_entropy; pyseqpack/cross_entropy_cuda.py
-// calls the two C entry points at the bottom of this file through ctypes.
+// Fused cross-entropy on CUDA: per-row loss, log-sum-exp, token accuracy and (optionally) the gradient.
+// The CUDA backend of pyseqpack.cross_entropy; pyseqpack/cross_entropy_cuda.py calls the two C entry points
+// at the bottom of this file through ctypes.
 //
 // Math, for one row in fp32, with x the row after the optional softcap (x <- c * tanh(x_raw / c)):
 //   lse     = log(sum_j exp(x_j))
@@ -11,26 +11,55 @@
 //   with p = softmax(x) = exp(x - lse) and chain_j = 1 - tanh^2(x_raw_j / c) (1 without softcap);
 //   an ignored row (y == ignore_index, or y outside [0, V)) gets an all-zero gradient row.
 //
-// Memory traffic per row of V elements of size s bytes: the logits are read from DRAM once (V s bytes) and,
-// when a gradient is asked for, it is written once (V s bytes); that is the whole DRAM traffic, the floor for
-// this op. Two passes over the row:
+// Two passes over each row of V elements of size s bytes:
 //   pass 1: online max / sum-exp (a running max m and sum(exp(x - m)) per thread, rescaled when m grows),
-//           the first argmax and sum(x), merged across the CTA with warp shuffles and shared memory.
-//   pass 2: only with a gradient: re-reads the row and writes grad. The first `ncache` vectors of the row
-//           were kept in shared memory by pass 1 (as much as fits: the whole row up to ~115k bf16 elements
-//           on H100) and come back from there; the rest is re-read in reverse order, so the part pass 1 read
-//           last, the most likely to still be in L2, is re-read first. Loads that will not be needed again
-//           and the gradient stores use the evict-first (.cs) cache policy so they do not push the row's
-//           uncached tail out of L2 before pass 2 reads it.
+//           the first argmax and sum(x), merged across threads with warp shuffles and shared memory.
+//   pass 2: only with a gradient: writes grad (V s bytes) from the row kept in shared memory by pass 1.
+// The DRAM floor of the op is one read of the logits and one write of the gradient, 2 V s bytes per row.
+// Two kernels:
+//
+// ce_row_kernel: one CTA per row (grid N, 256 / 512 / 1024 threads). Pass 1 keeps the first `ncache` 16-byte
+//   vectors of the row in the CTA's shared memory (as many as its share of the SM holds: ~226 KB with one
+//   1024-thread CTA per SM, the whole row up to ~115k bf16 / ~58k fp32 elements on H100). A longer row has
+//   its uncached rest re-read by pass 2, in reverse order, so the part pass 1 read last, the most likely to
+//   still be in L2, comes first; the uncached loads of pass 1 use .cg (L2 only) so they stay in L2, the
+//   cached ones and the gradient stores evict-first (.cs) so they do not push that rest out. Traffic per
+//   row: V s read + V s written + the uncached rest, (V - 8 * ncache) s for bf16, re-read from L2 at best,
+//   from DRAM at worst (bf16 V = 151936 on H100: a quarter of the row). With ~1 CTA per SM at large V, one
+//   row's pass 2 (writes) does not overlap the next row's pass 1 (reads) on the same SM.
+//   Used for forward only (one read, nothing cached), for rows that fit the cache, for grad rows not
+//   aligned like the logits rows, and whenever the cluster kernel does not apply.
+//
+// ce_cluster_kernel (sm_90 thread-block clusters; opt-in, see cluster_mode below): a cluster of C CTAs
+//   (C in {2, 4, 8}) shares one row: grid N * C, cluster dims {C, 1, 1}, row = blockIdx.x / C. With the row
+//   split into a scalar head, nvec aligned 16-byte vectors and a scalar tail (split_row), CTA `rank` owns
+//   the vectors [rank * per, min((rank + 1) * per, nvec)), per = ceil(nvec / C); rank 0 also owns the head
+//   and rank C - 1 the tail (< 8 elements each, read from global memory in both passes). Pass 1 loads the
+//   CTA's slice into its own shared memory exactly once (evict-first) and computes the slice's statistics;
+//   the C CTAs then exchange them through distributed shared memory: each publishes its block result in a
+//   shared slot, and after a cluster barrier each reads all C slots in rank order and folds them with
+//   stats_merge, so every CTA computes bit-identical lse; a second cluster barrier keeps every slot alive
+//   until all reads are done. Pass 2 writes the slice's gradient from shared memory. Traffic per row: V s
+//   read + V s written, the floor, at any V the C slices fit; C is the smallest size whose slice fits the
+//   shared-memory share of 2 CTAs per SM, so each SM holds 2+ CTAs (different rows, or slices of a row)
+//   and one's gradient writes overlap another's reads. On H100 (228 KB per SM): C = 4 for bf16 V = 128256
+//   .. 151936, C = 8 for bf16 V = 256000 and fp32 V = 128256 .. 151936; fp32 V = 256000 (1 MB rows) does
+//   not fit even C = 8 and stays on ce_row_kernel. The cluster path is taken only when cluster_mode == 1,
+//   a gradient is asked for, grad rows are aligned like the logits rows (vector path), the row does not fit
+//   ce_row_kernel's cache, and the device launches clusters (cudaDevAttrClusterLaunch; not sm_80). It is
+//   opt-in (pyseqpack.cross_entropy_cuda.USE_CLUSTERS, env PYSEQPACK_CE_CLUSTERS=1) until a GPU run has
+//   validated it: it was written and compiled without a GPU to run it on.
+//
 // Vector accesses are 16 bytes (8 bf16/fp16, 4 fp32). A row whose start is not 16-byte aligned (any row
 // stride is allowed) is split into a scalar head up to the first 16-byte boundary, aligned vectors, and a
 // scalar tail. The gradient is written with the same split, so the vector path needs grad rows to have the
 // same address modulo 16 as the logits rows (true in place, and for same-strided tensors); otherwise the
-// launcher picks the one-element-per-access instantiation.
+// launcher picks the one-element-per-access instantiation of ce_row_kernel.
 //
-// All index math is int64 (N * V exceeds 2^31 in real runs); the kernel never reads logits outside
-// [row * stride, row * stride + V) and never syncs with the host (grad_scale is read on the device).
+// All index math is int64 (N * V exceeds 2^31 in real runs); the kernels never read logits outside
+// [row * stride, row * stride + V) and never sync with the host (grad_scale is read on the device).
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -43,6 +72,8 @@
 
 #include "cuda_common.cuh"
 
+namespace cg = cooperative_groups;
+
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -52,6 +83,11 @@ constexpr int kUnroll = 4;
 constexpr int kMaxBlock = 1024;
 constexpr int kBlockSizes[3] = {256, 512, 1024};
 constexpr int kScaleBlock = 256;
+// ce_cluster_kernel: CTAs per row (cluster sizes tried in order) and threads per CTA (256 when shared memory
+// lets 3+ CTAs share an SM, 512 when only 2 do, so each SM keeps 24 to 32 warps loading).
+constexpr int kClusterSizes[3] = {2, 4, 8};
+constexpr int kClusterBlocks[2] = {256, 512};
+constexpr int kClusterMaxBlock = 512;
 constexpr int kMaxDevices = 128;
 
 // dtype codes of the C ABI (pyseqpack/cross_entropy_cuda.py holds the same table).
@@ -253,8 +289,47 @@ struct CeArgs {
   float eps;                  // label smoothing
   float z;                    // z-loss coefficient
   float softcap;              // <= 0: off
-  int64_t ncache;             // accesses of each row kept in shared memory between the passes (0: none)
+  int64_t ncache;             // ce_row_kernel: accesses of each row kept in shared memory between the passes
 };
+
+__device__ __forceinline__ long long load_label(const CeArgs& a, int64_t row) {
+  return a.labels_is_int32 ? static_cast<long long>(static_cast<const int32_t*>(a.labels)[row])
+                           : static_cast<long long>(static_cast<const int64_t*>(a.labels)[row]);
+}
+
+// loss, lse and correct of one row from its statistics rs (lse = rs.m + log(rs.s)) and x_label = x[y] after
+// the softcap (read only when valid).
+__device__ __forceinline__ void write_row_outputs(const CeArgs& a, int64_t row, const RowStats& rs, float lse,
+                                                  bool valid, long long y, float x_label) {
+  float loss = 0.f;
+  int hit = 0;
+  if (valid) {
+    loss = (1.f - a.eps) * (lse - x_label);
+    // Guarded so that eps = 0 or z = 0 never turns an infinite mean(x) or lse into 0 * inf = NaN.
+    if (a.eps != 0.f) loss += a.eps * (lse - rs.sx / static_cast<float>(a.V));
+    if (a.z != 0.f) loss += a.z * lse * lse;
+    const long long argmax = rs.arg == LLONG_MAX ? 0 : rs.arg;  // all -inf: torch.argmax gives 0
+    hit = argmax == y;
+  }
+  a.loss[row] = loss;
+  a.lse[row] = lse;
+  a.correct[row] = hit;
+}
+
+// The gradient coefficients of a valid row (grad != nullptr).
+__device__ __forceinline__ GradMath grad_math(const CeArgs& a, float lse, long long y, float inv_cap) {
+  const float scale = *a.grad_scale;
+  GradMath gm;
+  gm.lse_off = -lse * kLog2e;
+  gm.p_coef = a.z != 0.f ? scale * (1.f + 2.f * a.z * lse) : scale;
+  gm.uniform = scale * a.eps / static_cast<float>(a.V);
+  gm.hot = scale * (1.f - a.eps);
+  gm.cap = a.softcap;
+  gm.inv_cap = inv_cap;
+  gm.capped = a.softcap > 0.f;
+  gm.y = y;
+  return gm;
+}
 
 // One CTA per row: grid (N), block 256 / 512 / 1024 threads, dynamic shared memory ncache * sizeof(Raw).
 //   T    float / __nv_bfloat16 / __half: the element type of logits and grad.
@@ -275,8 +350,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
   const int64_t V = a.V;
   const Bits* x_row = static_cast<const Bits*>(a.logits) + row * a.logits_stride;
 
-  const long long y = a.labels_is_int32 ? static_cast<long long>(static_cast<const int32_t*>(a.labels)[row])
-                                        : static_cast<long long>(static_cast<const int64_t*>(a.labels)[row]);
+  const long long y = load_label(a, row);
   // Labels outside [0, V) are rejected by the caller in eager mode; here they count as ignored, so x[y] is
   // never read out of bounds.
   const bool valid = y != a.ignore_index && y >= 0 && y < V;
@@ -329,22 +403,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
   const RowStats rs = block_merge(st, warp_slots, &row_slot);
   const float lse = rs.m + logf(rs.s);  // -inf for an all -inf (or empty) row
 
-  if (tid == 0) {
-    float loss = 0.f;
-    int hit = 0;
-    if (valid) {
-      const float xy = soft_cap(x_label, capped, a.softcap, inv_cap);
-      loss = (1.f - a.eps) * (lse - xy);
-      // Guarded so that eps = 0 or z = 0 never turns an infinite mean(x) or lse into 0 * inf = NaN.
-      if (a.eps != 0.f) loss += a.eps * (lse - rs.sx / static_cast<float>(V));
-      if (a.z != 0.f) loss += a.z * lse * lse;
-      const long long argmax = rs.arg == LLONG_MAX ? 0 : rs.arg;  // all -inf: torch.argmax gives 0
-      hit = argmax == y;
-    }
-    a.loss[row] = loss;
-    a.lse[row] = lse;
-    a.correct[row] = hit;
-  }
+  if (tid == 0) write_row_outputs(a, row, rs, lse, valid, y, soft_cap(x_label, capped, a.softcap, inv_cap));
   if (a.grad == nullptr) return;
 
   // ---- pass 2: the gradient, in the same split as the logits row (the launcher guarantees the same
@@ -360,16 +419,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
     return;
   }
 
-  const float scale = *a.grad_scale;
-  GradMath gm;
-  gm.lse_off = -lse * kLog2e;
-  gm.p_coef = a.z != 0.f ? scale * (1.f + 2.f * a.z * lse) : scale;
-  gm.uniform = scale * a.eps / static_cast<float>(V);
-  gm.hot = scale * (1.f - a.eps);
-  gm.cap = a.softcap;
-  gm.inv_cap = inv_cap;
-  gm.capped = capped;
-  gm.y = y;
+  const GradMath gm = grad_math(a, lse, y, inv_cap);
 
   // Accesses in reverse order: position p of the walk is access nvec - 1 - p. The uncached tail of the row
   // (read last by pass 1, so the likeliest to still be in L2) comes first, then the cached head from shared
@@ -401,6 +451,154 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
     const int64_t j = sp.tail_start + tid;
     g_row[j] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[j]), j));
   }
+}
+
+// One cluster of C CTAs per row (see the file comment): grid (N * C) with cluster dims {C, 1, 1}, block 256 /
+// 512 threads, dynamic shared memory per * 16 bytes (per = ceil(nvec / C) for every row: the host sizes it
+// with floor(V / VEC) >= nvec). Only with a gradient (a.grad != nullptr), on the vector path.
+//   T    float / __nv_bfloat16 / __half: the element type of logits and grad.
+//   VEC  16 / sizeof(T): elements per 16-byte access.
+// Every thread of every CTA reaches both cluster barriers: nothing returns before the second one.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const CeArgs a) {
+  static_assert(VEC * sizeof(T) == 16, "the cluster kernel has only the 16-byte vector path");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Acc = Access<T, VEC>;
+  using Bits = typename Acc::Bits;
+  using Raw = typename Acc::Raw;
+  extern __shared__ uint4 dynamic_smem[];
+  Raw* slice = reinterpret_cast<Raw*>(dynamic_smem);
+  __shared__ RowStats warp_slots[32];
+  __shared__ RowStats slice_slot;  // this CTA's statistics, read by every CTA of the cluster
+  __shared__ RowStats row_slot;    // the row's statistics, folded by warp 0 from all C slice slots
+
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int C = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const int64_t row = blockIdx.x / C;
+  const int64_t V = a.V;
+  const Bits* x_row = static_cast<const Bits*>(a.logits) + row * a.logits_stride;
+
+  const long long y = load_label(a, row);
+  const bool valid = y != a.ignore_index && y >= 0 && y < V;  // out-of-range labels count as ignored
+  const bool capped = a.softcap > 0.f;
+  const float inv_cap = capped ? 1.f / a.softcap : 0.f;
+
+  // x[y] (anywhere in the row) for the loss, loaded by the CTA that writes it. It is read before this CTA
+  // arrives at the first cluster barrier, and the CTA owning x[y] writes grad only after that barrier, so
+  // an in-place gradient cannot overwrite it first.
+  const bool writer = rank == 0 && tid == 0;
+  float x_label = 0.f;
+  if (writer && valid) x_label = Elem<T>::to_float(x_row[y]);
+
+  // The row's split is the same in every CTA; this CTA owns the accesses [lo, lo + n_own) of it, stored at
+  // slice[0, n_own). A rank past the end (nvec < C * per) owns none.
+  const RowSplit sp = split_row<T, VEC>(x_row, V);
+  const int64_t per = (sp.nvec + C - 1) / C;
+  const int64_t lo = min(static_cast<int64_t>(rank) * per, sp.nvec);
+  const int64_t n_own = min(per, sp.nvec - lo);
+  const Raw* x_vec = reinterpret_cast<const Raw*>(x_row + sp.head) + lo;
+  const bool has_head = rank == 0 && tid < sp.head;
+  const bool has_tail = rank == C - 1 && tid < V - sp.tail_start;
+  const int64_t stride = static_cast<int64_t>(kUnroll) * nthreads;
+
+  // ---- pass 1: the slice into shared memory (the only global read of it: evict-first) and its statistics;
+  // thread t visits head element t (rank 0), accesses t, t + B, ..., then tail element t (rank C - 1), in
+  // increasing index order.
+  RowStats st = stats_empty();
+  if (has_head) {
+    float x[1] = {soft_cap(Elem<T>::to_float(x_row[tid]), capped, a.softcap, inv_cap)};
+    stats_add(st, x, tid);
+  }
+  for (int64_t base = tid; base < n_own; base += stride) {
+    Raw r[kUnroll] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * nthreads;
+      if (i < n_own) r[u] = __ldcs(x_vec + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * nthreads;
+      if (i < n_own) {
+        slice[i] = r[u];
+        float x[VEC];
+        Acc::unpack(r[u], x);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) x[k] = soft_cap(x[k], capped, a.softcap, inv_cap);
+        stats_add(st, x, sp.head + (lo + i) * VEC);
+      }
+    }
+  }
+  if (has_tail) {
+    const int64_t j = sp.tail_start + tid;
+    float x[1] = {soft_cap(Elem<T>::to_float(x_row[j]), capped, a.softcap, inv_cap)};
+    stats_add(st, x, j);
+  }
+  // Leaves the slice's statistics in slice_slot; its barriers also publish the slice to the whole CTA.
+  block_merge(st, warp_slots, &slice_slot);
+
+  // ---- exchange. Barrier 1 (release / acquire at cluster scope): every slice_slot of the cluster is
+  // written. Warp 0 reads the C slots, lane r from rank r through DSMEM, and folds them in rank order
+  // (0, 1, ..., C - 1), the same order in every CTA, so all CTAs hold bit-identical row statistics (the
+  // argmax does not depend on the order: equal maxima keep the smaller index).
+  cluster.sync();
+  if (tid < 32) {
+    const RowStats mine = tid < C ? *cluster.map_shared_rank(&slice_slot, tid) : stats_empty();
+    RowStats acc = stats_empty();
+    for (int r = 0; r < C; ++r) {
+      RowStats o;
+      o.m = __shfl_sync(0xffffffffu, mine.m, r);
+      o.s = __shfl_sync(0xffffffffu, mine.s, r);
+      o.sx = __shfl_sync(0xffffffffu, mine.sx, r);
+      o.arg = __shfl_sync(0xffffffffu, mine.arg, r);
+      acc = stats_merge(acc, o);
+    }
+    if (tid == 0) row_slot = acc;
+  }
+  // Barrier 2: no CTA reads another's slice_slot after it (so each may leave once pass 2 is done), and it
+  // publishes row_slot to the CTA's own threads.
+  cluster.sync();
+  const RowStats rs = row_slot;
+  const float lse = rs.m + logf(rs.s);  // -inf for an all -inf row
+
+  if (writer) write_row_outputs(a, row, rs, lse, valid, y, soft_cap(x_label, capped, a.softcap, inv_cap));
+
+  // ---- pass 2: the slice's gradient from shared memory, in the logits row's split (the launcher
+  // guarantees grad rows have the same address modulo 16). Each element was read from global memory before
+  // it is written (the slice in pass 1; head and tail by the same thread just below), so grad may alias
+  // logits.
+  Bits* g_row = static_cast<Bits*>(a.grad) + row * a.grad_stride;
+  Raw* g_vec = reinterpret_cast<Raw*>(g_row + sp.head) + lo;
+
+  if (!valid) {  // exact zeros
+    const Raw zero = {};
+    for (int64_t i = tid; i < n_own; i += nthreads) __stcs(g_vec + i, zero);
+    if (has_head) g_row[tid] = 0;
+    if (has_tail) g_row[sp.tail_start + tid] = 0;
+    return;
+  }
+
+  const GradMath gm = grad_math(a, lse, y, inv_cap);
+  for (int64_t i = tid; i < n_own; i += nthreads) {
+    float x[VEC];
+    Acc::unpack(slice[i], x);
+    const long long first = sp.head + (lo + i) * VEC;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) x[k] = gm(x[k], first + k);
+    __stcs(g_vec + i, Acc::pack(x));
+  }
+  if (has_head) g_row[tid] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[tid]), tid));
+  if (has_tail) {
+    const int64_t j = sp.tail_start + tid;
+    g_row[j] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[j]), j));
+  }
+#else
+  // Clusters need sm_90; the host never launches this kernel on a device without cluster launch.
+  __trap();
+#endif
 }
 
 // grad[r, :] *= factor[per_row ? r : 0], in place, in fp32 then rounded to T once.
@@ -474,6 +672,19 @@ const void* row_kernel(int dtype, bool vec) {
   }
 }
 
+template <typename T>
+const void* cluster_kernel_ptr() {
+  return reinterpret_cast<const void*>(&ce_cluster_kernel<T, static_cast<int>(16 / sizeof(T))>);
+}
+
+const void* cluster_kernel(int dtype) {
+  switch (dtype) {
+    case kFloat32: return cluster_kernel_ptr<float>();
+    case kBFloat16: return cluster_kernel_ptr<__nv_bfloat16>();
+    default: return cluster_kernel_ptr<__half>();
+  }
+}
+
 // Per-device launch facts, computed once per device (thread-safe) on the first call.
 struct DeviceState {
   cudaError_t error;
@@ -483,8 +694,21 @@ struct DeviceState {
   int64_t cache_bytes[3][2][3];
 };
 
+// Per-device facts of the cluster kernel, computed once per device on the first call that allows clusters
+// (so a device or driver problem there never affects the default path).
+struct ClusterState {
+  cudaError_t error;
+  bool available;             // the device launches thread-block clusters (sm_90+)
+  int64_t slice_budget[3];    // largest slice (bytes of dynamic shared memory) that lets 2 CTAs share an SM
+  // cudaOccupancyMaxActiveClusters of cluster_kernel(dtype) with kClusterBlocks[b] threads, cluster size
+  // kClusterSizes[c] and a slice of slice_budget[dtype] bytes; 0: that configuration cannot run.
+  int max_clusters[3][2][3];
+};
+
 DeviceState g_states[kMaxDevices];
 std::once_flag g_once[kMaxDevices];
+ClusterState g_cluster_states[kMaxDevices];
+std::once_flag g_cluster_once[kMaxDevices];
 
 #define PYSEQPACK_TRY(expr)                 \
   do {                                      \
@@ -530,9 +754,116 @@ cudaError_t device_state(const DeviceState** out) {
   return g_states[dev].error;
 }
 
+cudaError_t init_clusters(int dev, ClusterState& s) {
+  int cluster_launch = 0, optin = 0, per_sm = 0, reserved = 0;
+  PYSEQPACK_TRY(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, dev));
+  s.available = cluster_launch != 0;
+  if (!s.available) return cudaSuccess;
+  PYSEQPACK_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  PYSEQPACK_TRY(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+  PYSEQPACK_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+  for (int dtype = 0; dtype < 3; ++dtype) {
+    const void* fn = cluster_kernel(dtype);
+    cudaFuncAttributes attr;
+    PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
+    const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
+    // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
+    const int64_t budget = std::min<int64_t>(optin - static_smem, per_sm / 2 - reserved - static_smem);
+    s.slice_budget[dtype] = std::max<int64_t>(0, budget);
+    PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(s.slice_budget[dtype])));
+    PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       cudaSharedmemCarveoutMaxShared));
+    for (int b = 0; b < 2; ++b) {
+      for (int c = 0; c < 3; ++c) {
+        cudaLaunchAttribute dims;
+        dims.id = cudaLaunchAttributeClusterDimension;
+        dims.val.clusterDim.x = kClusterSizes[c];
+        dims.val.clusterDim.y = 1;
+        dims.val.clusterDim.z = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(kClusterSizes[c]);
+        cfg.blockDim = dim3(kClusterBlocks[b]);
+        cfg.dynamicSmemBytes = static_cast<size_t>(s.slice_budget[dtype]);
+        cfg.attrs = &dims;
+        cfg.numAttrs = 1;
+        int n = 0;
+        // A configuration the device refuses (an error here) counts as one that cannot run; the error is
+        // cleared so that the launch does not report it later.
+        if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
+          n = 0;
+          (void)cudaGetLastError();
+        }
+        s.max_clusters[dtype][b][c] = n;
+      }
+    }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t cluster_state(const ClusterState** out) {
+  int dev = 0;
+  PYSEQPACK_TRY(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
+  std::call_once(g_cluster_once[dev],
+                 [dev] { g_cluster_states[dev].error = init_clusters(dev, g_cluster_states[dev]); });
+  *out = &g_cluster_states[dev];
+  return g_cluster_states[dev].error;
+}
+
+// How ce_cluster_kernel runs one call: `size` CTAs per row (0: it does not apply), `block` threads each, a
+// slice of `smem` bytes.
+struct ClusterPlan {
+  int size;
+  int block;
+  int64_t smem;
+};
+
+// The smallest cluster size whose slice fits the 2-CTAs-per-SM budget (out->size = 0 when none does);
+// 256 threads per CTA when the slice leaves room for 3+ CTAs per SM, else 512.
+cudaError_t plan_cluster(const ClusterState& cs, int dtype, int64_t N, int64_t V, ClusterPlan* out) {
+  *out = {0, 0, 0};
+  if (!cs.available) return cudaSuccess;
+  const int64_t vec = dtype == kFloat32 ? 4 : 8;
+  for (int c = 0; c < 3; ++c) {
+    const int64_t size = kClusterSizes[c];
+    // floor(V / vec) bounds the aligned vectors of every row (whatever its head), so ceil of it / size
+    // bounds every slice.
+    const int64_t smem = (V / vec + size - 1) / size * 16;
+    if (smem > cs.slice_budget[dtype] || N * size > INT_MAX) continue;
+    // Asked of the runtime rather than computed: shared memory is allocated in granules, and bf16
+    // V = 151936 on H100 (3 slices of 75968 B + static + reserve = 233424 of 233472 B) sits on the edge.
+    int resident = 0;
+    PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cluster_kernel(dtype),
+                                                                kClusterBlocks[0], static_cast<size_t>(smem)));
+    const int b = resident >= 3 ? 0 : 1;
+    if (cs.max_clusters[dtype][b][c] == 0) continue;
+    *out = {static_cast<int>(size), kClusterBlocks[b], smem};
+    return cudaSuccess;
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int VEC>
 void launch_rows(const CeArgs& a, int64_t N, int block, size_t smem, cudaStream_t stream) {
   ce_row_kernel<T, VEC><<<static_cast<unsigned>(N), block, smem, stream>>>(a);
+}
+
+template <typename T>
+cudaError_t launch_cluster(const CeArgs& a, int64_t N, const ClusterPlan& p, cudaStream_t stream) {
+  cudaLaunchAttribute dims;
+  dims.id = cudaLaunchAttributeClusterDimension;
+  dims.val.clusterDim.x = p.size;
+  dims.val.clusterDim.y = 1;
+  dims.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(N * p.size));
+  cfg.blockDim = dim3(p.block);
+  cfg.dynamicSmemBytes = static_cast<size_t>(p.smem);
+  cfg.stream = stream;
+  cfg.attrs = &dims;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, static_cast<int>(16 / sizeof(T))>, a);
 }
 
 template <typename T>
@@ -554,15 +885,19 @@ void launch_scale(void* grad, int64_t N, int64_t V, int64_t stride, const float*
 //   grad_scale        [1] float32 device pointer, required when grad != NULL: grad = grad_scale * dloss/dlogits
 //   ignore_index      label value that counts for nothing (labels outside [0, V) are treated the same way)
 //   label_smoothing   eps in [0, 1];  z_loss: z >= 0;  softcap: c > 0 enables x <- c tanh(x / c), <= 0 off
+//   cluster_mode      0: always ce_row_kernel; 1: ce_cluster_kernel where it applies (see the file comment)
 //   stream            cudaStream_t (NULL: legacy default stream)
 // Returns a cudaError_t as int: cudaErrorInvalidValue for bad arguments (dtype code, N < 0 or N > 2^31 - 1,
-// V < 0, a NULL pointer that is needed), else cudaGetLastError() after the launch.
+// V < 0, cluster_mode not 0 or 1, a NULL pointer that is needed), else the launch's error or
+// cudaGetLastError() after it.
 PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N, int64_t V, int64_t logits_row_stride,
                                        const void* labels, int labels_is_int32, float* loss, float* lse,
                                        int32_t* correct, void* grad, int64_t grad_row_stride, const float* grad_scale,
                                        int64_t ignore_index, float label_smoothing, float z_loss, float softcap,
-                                       void* stream) {
-  if (dtype < kFloat32 || dtype > kFloat16 || N < 0 || N > INT_MAX || V < 0) return cudaErrorInvalidValue;
+                                       int cluster_mode, void* stream) {
+  if (dtype < kFloat32 || dtype > kFloat16 || N < 0 || N > INT_MAX || V < 0 ||
+      (cluster_mode != 0 && cluster_mode != 1))
+    return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   if (logits == nullptr || labels == nullptr || loss == nullptr || lse == nullptr || correct == nullptr ||
       (grad != nullptr && grad_scale == nullptr))
@@ -597,6 +932,7 @@ PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N,
   a.softcap = softcap;
   a.ncache = 0;
   size_t smem = 0;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (grad != nullptr) {
     // Cache as many accesses of the row as the per-CTA share of shared memory holds: with the whole row
     // cached (V <= ~115k bf16 on H100) the logits are read from DRAM exactly once.
@@ -604,9 +940,26 @@ PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N,
     const int64_t accesses = (V + per_access - 1) / per_access;
     a.ncache = std::min(accesses, ds->cache_bytes[dtype][vec ? 1 : 0][b] / access_bytes);
     smem = static_cast<size_t>(a.ncache * access_bytes);
+    if (cluster_mode == 1 && vec && a.ncache < accesses) {
+      // The row does not fit one CTA: split it over a cluster, if the device has clusters and a slice fits.
+      const ClusterState* cs = nullptr;
+      PYSEQPACK_TRY(cluster_state(&cs));
+      ClusterPlan p;
+      PYSEQPACK_TRY(plan_cluster(*cs, dtype, N, V, &p));
+      if (p.size != 0) {
+        cudaError_t err;
+        switch (dtype) {
+          case kFloat32: err = launch_cluster<float>(a, N, p, s); break;
+          case kBFloat16: err = launch_cluster<__nv_bfloat16>(a, N, p, s); break;
+          default: err = launch_cluster<__half>(a, N, p, s); break;
+        }
+        // cudaGetLastError() also clears a launch error, so that a later call does not report it again.
+        const cudaError_t last = cudaGetLastError();
+        return err != cudaSuccess ? err : last;
+      }
+    }
   }
   const int block = kBlockSizes[b];
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case kFloat32:
       vec ? launch_rows<float, 4>(a, N, block, smem, s) : launch_rows<float, 1>(a, N, block, smem, s);
