@@ -53,6 +53,8 @@ SHAPES = {
 DTYPES = {"cuda": {"full": ["bf16"], "quick": ["bf16"], "smoke": ["bf16", "fp32"]},
           "cpu": {"full": ["fp32", "bf16"], "quick": ["fp32", "bf16"], "smoke": ["fp32"]}}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The goal shape (H100, bf16): >= 2.8 TB/s effective, >= 3x eager, >= 1.5x Liger with accuracy.
+HEADLINE = (16384, 151936, "bf16")
 
 
 def pytest_generate_tests(metafunc):
@@ -94,10 +96,19 @@ def _compiled(with_acc):
     return build
 
 
-def _pyseqpack(backend):
+def _pyseqpack(backend, clusters=False):
     def build(device):
         import pyseqpack
         from pyseqpack import _native
+
+        if backend == "cuda":
+            # The opt-in thread-block-cluster kernel (csrc/cross_entropy.cu), or the default row kernel: the
+            # launcher reads the flag on every call.
+            try:
+                from pyseqpack import cross_entropy_cuda
+            except ImportError as e:
+                pytest.skip(f"the CUDA launcher is unavailable: {e}")
+            cross_entropy_cuda.USE_CLUSTERS = clusters
 
         try:
             fused = pyseqpack.fused_cross_entropy
@@ -163,6 +174,8 @@ IMPLS = {
     "compile": ("torch.compile (+argmax accuracy)", H.OTHER, _compiled(True)),
     "compile-loss-only": ("torch.compile, loss only", H.OTHER, _compiled(False)),
     "pyseqpack-cuda": ("pyseqpack fused_cross_entropy[cuda]", H.OURS, _pyseqpack("cuda")),
+    "pyseqpack-cuda-clusters": ("pyseqpack fused_cross_entropy[cuda, clusters]", H.OURS,
+                                _pyseqpack("cuda", clusters=True)),
     "pyseqpack-triton": ("pyseqpack fused_cross_entropy[triton]", H.OURS, _pyseqpack("triton")),
     "pyseqpack-torch": ("pyseqpack fused_cross_entropy[torch]", H.OURS, _pyseqpack("torch")),
     "liger": ("Liger LigerCrossEntropyLoss (+token accuracy)", H.OTHER, _liger(True)),
@@ -216,6 +229,13 @@ def test_cross_entropy(benchmark, bench_cfg, ce_case, impl):
 
         info = {"suite": "ce", "impl": label, "role": role, "tokens": n, "vocab": v, "dtype": dt,
                 "accuracy": not impl.endswith("loss-only")}
+        if device.type == "cuda" and role == H.OURS and (n, v, dt) == HEADLINE:
+            info["goal"] = [
+                {"kind": "gbps_at_least", "value": 2800, "label": "effective bandwidth, bf16 16384 x 151936"},
+                {"kind": "speedup_at_least", "value": 3, "label": ">= 3x torch eager (+argmax accuracy)"},
+                {"kind": "faster_than", "impl": IMPLS["liger"][0], "value": 1.5,
+                 "label": ">= 1.5x Liger with token accuracy"},
+            ]
         H.measure(benchmark, run, bench_cfg, nbytes=2 * n * v * logits.element_size(), info=info,
                   reset=lambda: setattr(logits, "grad", None))
     except torch.cuda.OutOfMemoryError as e:

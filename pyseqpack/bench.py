@@ -139,18 +139,28 @@ def summarize(raw: dict) -> dict:
         base = baselines.get(r["group"])
         r["baseline"] = base["impl"] if base else None
         r["speedup"] = base["median_s"] / r["median_s"] if base and r["median_s"] > 0 else None
-    goals = [_goal(r, references.get(r["group"])) for r in rows if r["info"].get("goal")]
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append(r)
+    goals = [_goal(r, g, references.get(r["group"]), by_group[r["group"]]) for r in rows for g in _declared(r)]
     return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals}
 
 
-def _goal(row: dict, reference) -> dict:
-    """Evaluate the goal a benchmark declared in extra_info["goal"].
+def _declared(row: dict) -> list:
+    """The goals a benchmark declared in extra_info["goal"]: one dict, or a list of them."""
+    g = row["info"].get("goal")
+    return [] if not g else [g] if isinstance(g, dict) else list(g)
+
+
+def _goal(row: dict, g: dict, reference, group: list) -> dict:
+    """Evaluate one goal of a benchmark row.
 
     kinds: "speedup_at_least" (value, optional target): speedup over the baseline >= value;
            "median_below_us" (value): median time below value microseconds;
+           "gbps_at_least" (value): effective GB/s >= value;
+           "faster_than" (impl, value): the median of row `impl` of the same group / this median >= value;
            "vs_reference_gbps": GB/s as a fraction of the group's reference row (memcpy); reported, no verdict.
     """
-    g = row["info"]["goal"]
     out = {"group": row["group"], "impl": row["impl"], "goal": g.get("label", g["kind"])}
     if g["kind"] == "speedup_at_least":
         s = row["speedup"]
@@ -163,6 +173,16 @@ def _goal(row: dict, reference) -> dict:
         out["measured"] = f"{us:.1f} us"
         out["wanted"] = f"< {g['value']} us"
         out["met"] = us < g["value"]
+    elif g["kind"] == "gbps_at_least":
+        out["measured"] = None if row["gbps"] is None else f"{row['gbps']:.0f} GB/s"
+        out["wanted"] = f">= {g['value']} GB/s"
+        out["met"] = None if row["gbps"] is None else row["gbps"] >= g["value"]
+    elif g["kind"] == "faster_than":
+        other = next((r for r in group if r["impl"] == g["impl"]), None)
+        ratio = other["median_s"] / row["median_s"] if other is not None and row["median_s"] > 0 else None
+        out["measured"] = None if ratio is None else f"{ratio:.2f}x vs {g['impl']}"
+        out["wanted"] = f">= {g['value']}x vs {g['impl']}"
+        out["met"] = None if ratio is None else ratio >= g["value"]
     elif g["kind"] == "vs_reference_gbps":
         if reference is None or not reference["gbps"] or row["gbps"] is None:
             out["measured"] = None
