@@ -159,6 +159,7 @@ def _goal(row: dict, g: dict, reference, group: list) -> dict:
            "median_below_us" (value): median time below value microseconds;
            "gbps_at_least" (value): effective GB/s >= value;
            "faster_than" (impl, value): the median of row `impl` of the same group / this median >= value;
+           "overhead_at_most" (impl, value): this median / the median of row `impl` - 1 <= value (a fraction);
            "vs_reference_gbps": GB/s as a fraction of the group's reference row (memcpy); reported, no verdict.
     """
     out = {"group": row["group"], "impl": row["impl"], "goal": g.get("label", g["kind"])}
@@ -183,6 +184,12 @@ def _goal(row: dict, g: dict, reference, group: list) -> dict:
         out["measured"] = None if ratio is None else f"{ratio:.2f}x vs {g['impl']}"
         out["wanted"] = f">= {g['value']}x vs {g['impl']}"
         out["met"] = None if ratio is None else ratio >= g["value"]
+    elif g["kind"] == "overhead_at_most":
+        other = next((r for r in group if r["impl"] == g["impl"]), None)
+        extra = row["median_s"] / other["median_s"] - 1 if other is not None and other["median_s"] > 0 else None
+        out["measured"] = None if extra is None else f"{100 * extra:+.1f}% vs {g['impl']}"
+        out["wanted"] = f"<= {100 * g['value']:.0f}% over {g['impl']}"
+        out["met"] = None if extra is None else extra <= g["value"]
     elif g["kind"] == "vs_reference_gbps":
         if reference is None or not reference["gbps"] or row["gbps"] is None:
             out["measured"] = None
