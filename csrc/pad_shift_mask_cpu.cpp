@@ -379,8 +379,8 @@ void raise_failure(const Failure& fl) {
 // [0, col) padding, [col, col + kept) the kept values and [col + kept, width) padding, and inside the middle
 // segment is_kept() holds. So each loop is a fill, a copy, or a branch-free select on values it may read
 // unconditionally: they vectorize into plain stores and loads (no masked loads), and the row costs about what
-// copying its bytes costs. The labels are built once per row in an int64 scratch row (L1-resident) from which
-// labels, shift_labels and decoder_input_ids are copied. Parity with the reference is what the tests check.
+// copying its bytes costs. The labels are built once per row, in the int64 labels output itself or else in an
+// int64 scratch row (L1-resident), from which shift_labels and decoder_input_ids are copied. Parity with the reference is what the tests check.
 // Baseline x86-64 (SSE2) has no 64-bit vector compare, so the selects only vectorize with AVX2: on x86-64
 // Linux each writer is compiled twice and the loader picks the AVX2 clone when the CPU has it (GCC/Clang
 // function multiversioning); elsewhere one plain version.
@@ -447,7 +447,11 @@ PSM_ALWAYS_INLINE void write_outputs(const RowJob& job) {
   }
   // [B, Ll] outputs, from the padded labels.
   if (job.kind == psm::kNoLabels || !(job.out[kLabels] || job.out[kShift] || job.out[kDecoder])) return;
+  // int64 outputs: the labels row itself is the scratch (one pass less).
   int64_t* lr = job.label_row;
+  if constexpr (std::is_same_v<OutT, int64_t>) {
+    if (job.out[kLabels] != nullptr) lr = static_cast<int64_t*>(job.out[kLabels]);
+  }
   if (job.kind == psm::kGivenLabels) {
     place(lr, Ll, r.lab_col, r.lab_kept, g, label_pad);
   } else {  // derived: the prompt (k < label_from) and tokens whose loss mask is 0 become label_pad
@@ -459,7 +463,7 @@ PSM_ALWAYS_INLINE void write_outputs(const RowJob& job) {
       for (int64_t k = from; k < kept; ++k) lr[col + k] = t[k];
     fill(lr, end, Ll, label_pad);
   }
-  if (auto* o = static_cast<OutT*>(job.out[kLabels]))
+  if (auto* o = static_cast<OutT*>(job.out[kLabels]); o != nullptr && static_cast<void*>(o) != lr)
     for (int64_t j = 0; j < Ll; ++j) o[j] = static_cast<OutT>(lr[j]);
   if (Ll == 0) return;
   if (auto* o = static_cast<OutT*>(job.out[kShift])) {  // labels[j + 1]; nothing follows the last column
