@@ -621,9 +621,10 @@ int64_t choose_threads(int64_t requested, int64_t B, int64_t work) {
 
 // ---- Python entry points ----------------------------------------------------------------------------------------
 
-// psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool). Checks that every row is a
-// list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`); reads no element. `other` is
-// True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which Python converts first).
+// psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool, longest, shortest). Checks that
+// every row is a list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`); reads no
+// element. `other` is True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which Python
+// converts first). longest / shortest: the extreme lengths (0 for an empty batch).
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyUnicode_Check(args[1])) {
     PyErr_SetString(PyExc_TypeError, "psm_row_lengths(rows, name: str)");
@@ -667,7 +668,16 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     lens[b] = src.len;
   }
   Py_DECREF(seq);
-  return Py_BuildValue("(NO)", out, other ? Py_True : Py_False);
+  int64_t longest = 0, shortest = 0;
+  if (B > 0) {
+    longest = shortest = lens[0];
+    for (Py_ssize_t b = 1; b < B; ++b) {
+      longest = std::max(longest, lens[b]);
+      shortest = std::min(shortest, lens[b]);
+    }
+  }
+  return Py_BuildValue("(NOLL)", out, other ? Py_True : Py_False, static_cast<long long>(longest),
+                       static_cast<long long>(shortest));
 }
 
 // psm_fill(B, L, Ll, max_length, trunc_left, pad_left, tokens, tok_offsets, labels_kind, labels, lab_offsets,

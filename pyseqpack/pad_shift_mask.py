@@ -135,6 +135,7 @@ class _Seqs:
     flat: Any = None  # 1-D numpy array or tensor, every example back to back
     offsets: Any = None  # flat: int64 [B+1], a numpy array (host) or a tensor on the device of `flat`
     lengths: Any = None  # int64 [B] numpy; None while the offsets live on the device
+    extent: Optional[tuple] = None  # (longest, shortest) of lengths when already known (rows measured in C++)
 
     @property
     def B(self) -> int:
@@ -206,11 +207,12 @@ def _host_copy_offsets(seqs: Optional[_Seqs], like: Optional[_Seqs] = None) -> O
 
 
 def _row_lengths(rows, name: str):
-    """(len() of each example, whether some example is neither a list/tuple nor a buffer, e.g. a tensor), checking
-    that each is a sequence; C++ when built, so list and numpy batches cost no per-row Python."""
+    """(len() of each example, whether some example is neither a list/tuple nor a buffer, e.g. a tensor,
+    (longest, shortest)), checking that each is a sequence; C++ when built, so list and numpy batches cost no
+    per-row Python."""
     if _native.cpu_available():
-        lengths, other = _native.cpu_module().psm_row_lengths(rows, name)
-        return np.frombuffer(lengths, dtype=np.int64), other
+        lengths, other, longest, shortest = _native.cpu_module().psm_row_lengths(rows, name)
+        return np.frombuffer(lengths, dtype=np.int64), other, (longest, shortest)
     out = np.empty(len(rows), dtype=np.int64)
     for b, r in enumerate(rows):
         if isinstance(r, np.ndarray) and r.ndim != 1:
@@ -218,7 +220,7 @@ def _row_lengths(rows, name: str):
         if isinstance(r, (str, dict)) or not hasattr(r, "__len__"):
             raise TypeError(f"{name}[{b}]: expected a sequence of ints (list, tuple, 1-D integer array), got {type(r).__name__}")
         out[b] = len(r)
-    return out, True
+    return out, True, (int(out.max()), int(out.min()))
 
 
 def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
@@ -253,9 +255,9 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
                         f"{offsets_name}; got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{name}: the batch is empty (B = 0)")
-    lengths, other = _row_lengths(value, name)
+    lengths, other, extent = _row_lengths(value, name)
     if not other:
-        return _Seqs(name, rows=value, lengths=lengths)
+        return _Seqs(name, rows=value, lengths=lengths, extent=extent)
     rows = list(value)
     tensor_rows = [b for b, r in enumerate(rows) if isinstance(r, torch.Tensor)]
     devices = {rows[b].device for b in tensor_rows}
@@ -269,12 +271,12 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
                 raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {r.ndim}-D tensor")
             _check_int_array(r, f"{name}[{b}]")
         off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return _Seqs(name, flat=torch.cat(rows), offsets=off, lengths=lengths)
+        return _Seqs(name, flat=torch.cat(rows), offsets=off, lengths=lengths, extent=extent)
     for b in tensor_rows:  # CPU tensors are read through their numpy view: O(1) each
         if rows[b].ndim != 1:
             raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {rows[b].ndim}-D tensor")
         rows[b] = rows[b].detach().numpy()
-    return _Seqs(name, rows=rows, lengths=lengths)
+    return _Seqs(name, rows=rows, lengths=lengths, extent=extent)
 
 
 def _check_aligned(seqs: _Seqs, src: _Seqs):
@@ -387,8 +389,6 @@ def _checked_options(*args) -> _Options:
 class _Widths:
     L: int
     Ll: int
-    kept: Optional[np.ndarray] = None  # host: tokens each example keeps (None when planned on the device)
-    lab_kept: Optional[np.ndarray] = None  # host: labels each example keeps (separate labels only)
 
 
 def _kept(n: np.ndarray, opts: _Options) -> np.ndarray:
@@ -396,8 +396,18 @@ def _kept(n: np.ndarray, opts: _Options) -> np.ndarray:
     return np.minimum(n, opts.max_length) if opts.truncation else n
 
 
-def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
+def _kept_extent(seqs: _Seqs, opts: _Options) -> tuple:
+    """(longest, shortest) kept counts; min(n, max_length) is monotone in n, so the extremes of the lengths
+    give them."""
+    longest, shortest = seqs.extent or (int(seqs.lengths.max()), int(seqs.lengths.min()))
+    if opts.truncation:
+        return min(longest, opts.max_length), min(shortest, opts.max_length)
+    return longest, shortest
+
+
+def _check_fits(seqs: _Seqs, length: int, opts: _Options, what: str):
     """Raises for the first example longer than the padded length (the caller found one)."""
+    kept = _kept(seqs.lengths, opts)
     b = int(np.flatnonzero(kept > length)[0])
     how = (f"padding='max_length' pads to {length} (max_length={opts.max_length})" if opts.padding == "max_length"
            else f"the padded length is {length}")
@@ -407,23 +417,22 @@ def _check_fits(seqs: _Seqs, kept, length: int, opts: _Options, what: str):
 
 def _host_widths(src: _Seqs, lab: Optional[_Seqs], opts: _Options, kind: int) -> _Widths:
     """L and Ll from host lengths, checking every length rule (rows too long, a pad token needed but missing)."""
-    kept = _kept(src.lengths, opts)
-    longest = int(kept.max())
+    longest, shortest = _kept_extent(src, opts)
     L = opts.padded_length(longest)
     if longest > L:
-        _check_fits(src, kept, L, opts, "tokens")
-    if opts.pad_token_id is None and int(kept.min()) < L:
+        _check_fits(src, L, opts, "tokens")
+    if opts.pad_token_id is None and shortest < L:
+        kept = _kept(src.lengths, opts)
         b = int(np.flatnonzero(kept < L)[0])
         raise ValueError(f"pad_token_id is None but input_ids[{b}] needs padding ({kept[b]} tokens, padded "
                          f"length {L}); pass pad_token_id")
-    widths = _Widths(L, L, kept)
+    Ll = L
     if kind == LABELS_GIVEN:
-        widths.lab_kept = _kept(lab.lengths, opts)
-        longest = int(widths.lab_kept.max())
-        widths.Ll = opts.padded_length(longest)
-        if longest > widths.Ll:
-            _check_fits(lab, widths.lab_kept, widths.Ll, opts, "labels")
-    return widths
+        longest = _kept_extent(lab, opts)[0]
+        Ll = opts.padded_length(longest)
+        if longest > Ll:
+            _check_fits(lab, Ll, opts, "labels")
+    return _Widths(L, Ll)
 
 
 def _device_widths(opts: _Options) -> _Widths:
@@ -745,15 +754,17 @@ def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts:
         off = _offsets_of(kept) if seqs.on_host else seqs.offsets
         return _aligned(_to_device(torch.from_numpy(off) if isinstance(off, np.ndarray) else off, device))
 
+    kept = _kept(src.lengths, opts) if src.on_host else None
+    lab_kept = _kept(lab.lengths, opts) if kind == LABELS_GIVEN and lab.on_host else None
     if prompt is not None and src.on_host and opts.truncation and opts.truncation_side == "left":
         # The packed tokens are already cut: plan_row then sees cut = 0, so the prompt moves by the cut.
-        cut = src.lengths - widths.kept
+        cut = src.lengths - kept
         prompt = prompt - (torch.from_numpy(cut).to(prompt.device) if isinstance(prompt, torch.Tensor) else cut)
     if isinstance(prompt, np.ndarray):
         prompt = torch.from_numpy(prompt)
     extras_t = pads = None
     if extras:
-        flats = [field(seqs, widths.kept, False) for seqs, _ in extras.values()]
+        flats = [field(seqs, kept, False) for seqs, _ in extras.values()]
         if len({f.dtype for f in flats}) > 1:
             flats = [f.to(torch.int64) for f in flats]
         extras_t = _aligned(torch.stack(flats))
@@ -761,10 +772,10 @@ def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts:
     given = kind == LABELS_GIVEN
     max_length, trunc_left, pad_left = _layout_args(opts)
     return DeviceLaunch(
-        tokens=field(src, widths.kept, False), offsets=offsets(src, widths.kept),
-        loss_masks=field(masks, widths.kept, True) if masks is not None else None,
-        labels=field(lab, widths.lab_kept, False) if given else None,
-        label_offsets=offsets(lab, widths.lab_kept) if given else None,
+        tokens=field(src, kept, False), offsets=offsets(src, kept),
+        loss_masks=field(masks, kept, True) if masks is not None else None,
+        labels=field(lab, lab_kept, False) if given else None,
+        label_offsets=offsets(lab, lab_kept) if given else None,
         prompt_lengths=_aligned(_to_device(prompt, device)) if prompt is not None else None,
         extras=extras_t, extra_pads=pads, outputs=outputs, L=widths.L, Ll=widths.Ll, max_length=max_length,
         truncate_left=trunc_left, pad_left=pad_left, labels_kind=kind, pad_token_id=opts.pad_token_id or 0,
