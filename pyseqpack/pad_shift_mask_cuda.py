@@ -253,6 +253,10 @@ def launch(args, check: bool = True) -> None:
     else:
         c_args = _c_arguments(args)
     lib = _lib()
-    with torch.cuda.device(device):
-        rc = lib.pyseqpack_psm_fill(*c_args, torch.cuda.current_stream(device).cuda_stream)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    if device.index == torch.cuda.current_device():  # the usual case: no device switch (two driver calls) needed
+        rc = lib.pyseqpack_psm_fill(*c_args, stream)
+    else:
+        with torch.cuda.device(device):
+            rc = lib.pyseqpack_psm_fill(*c_args, stream)
     _check_return(rc)
