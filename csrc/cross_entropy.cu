@@ -14,6 +14,9 @@
 // Two passes over each row of V elements of size s bytes:
 //   pass 1: online max / sum-exp (a running max m and sum(exp(x - m)) per thread, rescaled when m grows),
 //           the first argmax and sum(x), merged across threads with warp shuffles and shared memory.
+//           Loss only (correct == NULL): both kernels are instantiated with ACC = false, whose statistics
+//           have no argmax at all (no index compare per element, no index shuffles or merges); loss, lse and
+//           grad come out the same.
 //   pass 2: only with a gradient: writes grad (V s bytes) from the row kept in shared memory by pass 1.
 // The DRAM floor of the op is one read of the logits and one write of the gradient, 2 V s bytes per row.
 // Two kernels:
@@ -166,20 +169,34 @@ __device__ __forceinline__ float soft_cap(float x, bool capped, float cap, float
   return capped ? cap * tanhf(x * inv_cap) : x;
 }
 
-// Pass-1 statistics of a set of elements of the row (one thread's share, then merged).
+// Pass-1 statistics of a set of elements of the row (one thread's share, then merged). ACC: with the first
+// argmax (token accuracy); RowStats<false> has no argmax field, so the loss-only kernels cannot spend anything
+// on it.
+template <bool ACC>
 struct RowStats {
   float m;        // max of x over the set (-inf when empty)
   float s;        // sum of exp(x - m) over the set
   float sx;       // sum of x (for the label-smoothing term mean(x))
   long long arg;  // first index holding m; LLONG_MAX while no element above -inf was seen
 };
+template <>
+struct RowStats<false> {
+  float m, s, sx;  // as above
+};
 
-__device__ __forceinline__ RowStats stats_empty() { return {-INFINITY, 0.f, 0.f, LLONG_MAX}; }
+template <bool ACC>
+__device__ __forceinline__ RowStats<ACC> stats_empty() {
+  if constexpr (ACC) {
+    return {-INFINITY, 0.f, 0.f, LLONG_MAX};
+  } else {
+    return {-INFINITY, 0.f, 0.f};
+  }
+}
 
 // Adds N elements x[0..N) with indices first, first+1, ... Each thread visits its elements in increasing
 // index order, so the strict `>` keeps the first index among equal maxima within a thread.
-template <int N>
-__device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[N], long long first) {
+template <bool ACC, int N>
+__device__ __forceinline__ void stats_add(RowStats<ACC>& st, const float (&x)[N], long long first) {
   float vmax = x[0];
 #pragma unroll
   for (int k = 1; k < N; ++k) vmax = fmaxf(vmax, x[k]);
@@ -188,10 +205,12 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[N], lon
     // m_old = -inf only while s == 0, where the factor exp(-inf) = 0 is harmless.
     st.s *= exp2f((st.m - vmax) * kLog2e);
     st.m = vmax;
-    int pos = N - 1;
+    if constexpr (ACC) {
+      int pos = N - 1;
 #pragma unroll
-    for (int k = N - 1; k >= 0; --k) pos = (x[k] == vmax) ? k : pos;
-    st.arg = first + pos;
+      for (int k = N - 1; k >= 0; --k) pos = (x[k] == vmax) ? k : pos;
+      st.arg = first + pos;
+    }
   }
   // exp(x - m) = exp2(x log2e - m log2e): one FFMA and one MUFU.EX2 per element. While m is -inf every x so
   // far is -inf, and the offset 0 gives exp2(-inf) = 0 instead of NaN.
@@ -205,25 +224,27 @@ __device__ __forceinline__ void stats_add(RowStats& st, const float (&x)[N], lon
 
 // Merge of two disjoint sets: the larger max, both sums rescaled to it, and on equal maxima the smaller
 // index (so the merge order never changes the argmax: the first index wins, as in torch.argmax).
-__device__ __forceinline__ RowStats stats_merge(const RowStats& a, const RowStats& b) {
-  RowStats r;
+template <bool ACC>
+__device__ __forceinline__ RowStats<ACC> stats_merge(const RowStats<ACC>& a, const RowStats<ACC>& b) {
+  RowStats<ACC> r;
   r.m = fmaxf(a.m, b.m);
   const float fa = a.m == -INFINITY ? 0.f : exp2f((a.m - r.m) * kLog2e);
   const float fb = b.m == -INFINITY ? 0.f : exp2f((b.m - r.m) * kLog2e);
   r.s = a.s * fa + b.s * fb;
   r.sx = a.sx + b.sx;
-  r.arg = (b.m > a.m || (b.m == a.m && b.arg < a.arg)) ? b.arg : a.arg;
+  if constexpr (ACC) r.arg = (b.m > a.m || (b.m == a.m && b.arg < a.arg)) ? b.arg : a.arg;
   return r;
 }
 
-__device__ __forceinline__ RowStats warp_merge(RowStats v) {
+template <bool ACC>
+__device__ __forceinline__ RowStats<ACC> warp_merge(RowStats<ACC> v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
-    RowStats o;
+    RowStats<ACC> o;
     o.m = __shfl_xor_sync(0xffffffffu, v.m, offset);
     o.s = __shfl_xor_sync(0xffffffffu, v.s, offset);
     o.sx = __shfl_xor_sync(0xffffffffu, v.sx, offset);
-    o.arg = __shfl_xor_sync(0xffffffffu, v.arg, offset);
+    if constexpr (ACC) o.arg = __shfl_xor_sync(0xffffffffu, v.arg, offset);
     v = stats_merge(v, o);
   }
   return v;
@@ -231,14 +252,16 @@ __device__ __forceinline__ RowStats warp_merge(RowStats v) {
 
 // CTA-wide merge (blockDim.x a multiple of 32, at most 1024): every thread gets the row's statistics.
 // Called once per CTA, so the shared slots need no extra barrier for reuse.
-__device__ RowStats block_merge(RowStats v, RowStats* warp_slots /* [32] */, RowStats* row_slot) {
+template <bool ACC>
+__device__ RowStats<ACC> block_merge(RowStats<ACC> v, RowStats<ACC>* warp_slots /* [32] */,
+                                     RowStats<ACC>* row_slot) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   v = warp_merge(v);
   if (lane == 0) warp_slots[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    RowStats w = lane < static_cast<int>(blockDim.x >> 5) ? warp_slots[lane] : stats_empty();
+    RowStats<ACC> w = lane < static_cast<int>(blockDim.x >> 5) ? warp_slots[lane] : stats_empty<ACC>();
     w = warp_merge(w);
     if (lane == 0) *row_slot = w;
   }
@@ -280,7 +303,7 @@ struct CeArgs {
   int labels_is_int32;
   float* loss;                // [N] fp32 out
   float* lse;                 // [N] fp32 out
-  int32_t* correct;           // [N] int32 out
+  int32_t* correct;           // [N] int32 out; nullptr (loss only) exactly in the ACC = false kernels
   void* grad;                 // [N, V] T out with row stride grad_stride, or nullptr (forward only)
   int64_t grad_stride;
   const float* grad_scale;    // [1] fp32 on the device (read only when grad != nullptr)
@@ -297,23 +320,24 @@ __device__ __forceinline__ long long load_label(const CeArgs& a, int64_t row) {
                            : static_cast<long long>(static_cast<const int64_t*>(a.labels)[row]);
 }
 
-// loss, lse and correct of one row from its statistics rs (lse = rs.m + log(rs.s)) and x_label = x[y] after
-// the softcap (read only when valid).
-__device__ __forceinline__ void write_row_outputs(const CeArgs& a, int64_t row, const RowStats& rs, float lse,
+// loss, lse and (ACC) correct of one row from its statistics rs (lse = rs.m + log(rs.s)) and x_label = x[y]
+// after the softcap (read only when valid).
+template <bool ACC>
+__device__ __forceinline__ void write_row_outputs(const CeArgs& a, int64_t row, const RowStats<ACC>& rs, float lse,
                                                   bool valid, long long y, float x_label) {
   float loss = 0.f;
-  int hit = 0;
   if (valid) {
     loss = (1.f - a.eps) * (lse - x_label);
     // Guarded so that eps = 0 or z = 0 never turns an infinite mean(x) or lse into 0 * inf = NaN.
     if (a.eps != 0.f) loss += a.eps * (lse - rs.sx / static_cast<float>(a.V));
     if (a.z != 0.f) loss += a.z * lse * lse;
-    const long long argmax = rs.arg == LLONG_MAX ? 0 : rs.arg;  // all -inf: torch.argmax gives 0
-    hit = argmax == y;
   }
   a.loss[row] = loss;
   a.lse[row] = lse;
-  a.correct[row] = hit;
+  if constexpr (ACC) {
+    const long long argmax = rs.arg == LLONG_MAX ? 0 : rs.arg;  // all -inf: torch.argmax gives 0
+    a.correct[row] = valid && argmax == y;
+  }
 }
 
 // The gradient coefficients of a valid row (grad != nullptr).
@@ -334,15 +358,16 @@ __device__ __forceinline__ GradMath grad_math(const CeArgs& a, float lse, long l
 // One CTA per row: grid (N), block 256 / 512 / 1024 threads, dynamic shared memory ncache * sizeof(Raw).
 //   T    float / __nv_bfloat16 / __half: the element type of logits and grad.
 //   VEC  elements per access: 16 / sizeof(T) (vector path, rows split into head / vectors / tail) or 1.
-template <typename T, int VEC>
+//   ACC  track the first argmax and write a.correct (false: loss only, a.correct is nullptr).
+template <typename T, int VEC, bool ACC>
 __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
   using Acc = Access<T, VEC>;
   using Bits = typename Acc::Bits;
   using Raw = typename Acc::Raw;
   extern __shared__ uint4 dynamic_smem[];  // uint4: 16-byte aligned for vector accesses
   Raw* cache = reinterpret_cast<Raw*>(dynamic_smem);
-  __shared__ RowStats warp_slots[32];
-  __shared__ RowStats row_slot;
+  __shared__ RowStats<ACC> warp_slots[32];
+  __shared__ RowStats<ACC> row_slot;
 
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
@@ -367,7 +392,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
   const int64_t stride = static_cast<int64_t>(kUnroll) * nthreads;
 
   // ---- pass 1: statistics; thread t visits head element t, then accesses t, t + B, ..., then tail t.
-  RowStats st = stats_empty();
+  RowStats<ACC> st = stats_empty<ACC>();
   if (tid < sp.head) {
     float x[1] = {soft_cap(Elem<T>::to_float(x_row[tid]), capped, a.softcap, inv_cap)};
     stats_add(st, x, tid);
@@ -400,7 +425,7 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
     stats_add(st, x, j);
   }
   // The barriers inside also publish pass 1's shared-memory cache to every thread of the CTA.
-  const RowStats rs = block_merge(st, warp_slots, &row_slot);
+  const RowStats<ACC> rs = block_merge(st, warp_slots, &row_slot);
   const float lse = rs.m + logf(rs.s);  // -inf for an all -inf (or empty) row
 
   if (tid == 0) write_row_outputs(a, row, rs, lse, valid, y, soft_cap(x_label, capped, a.softcap, inv_cap));
@@ -458,8 +483,9 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
 // with floor(V / VEC) >= nvec). Only with a gradient (a.grad != nullptr), on the vector path.
 //   T    float / __nv_bfloat16 / __half: the element type of logits and grad.
 //   VEC  16 / sizeof(T): elements per 16-byte access.
+//   ACC  track the first argmax and write a.correct (false: loss only, a.correct is nullptr).
 // Every thread of every CTA reaches both cluster barriers: nothing returns before the second one.
-template <typename T, int VEC>
+template <typename T, int VEC, bool ACC>
 __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const CeArgs a) {
   static_assert(VEC * sizeof(T) == 16, "the cluster kernel has only the 16-byte vector path");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -468,9 +494,9 @@ __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const C
   using Raw = typename Acc::Raw;
   extern __shared__ uint4 dynamic_smem[];
   Raw* slice = reinterpret_cast<Raw*>(dynamic_smem);
-  __shared__ RowStats warp_slots[32];
-  __shared__ RowStats slice_slot;  // this CTA's statistics, read by every CTA of the cluster
-  __shared__ RowStats row_slot;    // the row's statistics, folded by warp 0 from all C slice slots
+  __shared__ RowStats<ACC> warp_slots[32];
+  __shared__ RowStats<ACC> slice_slot;  // this CTA's statistics, read by every CTA of the cluster
+  __shared__ RowStats<ACC> row_slot;    // the row's statistics, folded by warp 0 from all C slice slots
 
   const cg::cluster_group cluster = cg::this_cluster();
   const int C = static_cast<int>(cluster.num_blocks());
@@ -507,7 +533,7 @@ __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const C
   // ---- pass 1: the slice into shared memory (the only global read of it: evict-first) and its statistics;
   // thread t visits head element t (rank 0), accesses t, t + B, ..., then tail element t (rank C - 1), in
   // increasing index order.
-  RowStats st = stats_empty();
+  RowStats<ACC> st = stats_empty<ACC>();
   if (has_head) {
     float x[1] = {soft_cap(Elem<T>::to_float(x_row[tid]), capped, a.softcap, inv_cap)};
     stats_add(st, x, tid);
@@ -546,22 +572,22 @@ __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const C
   // argmax does not depend on the order: equal maxima keep the smaller index).
   cluster.sync();
   if (tid < 32) {
-    const RowStats mine = tid < C ? *cluster.map_shared_rank(&slice_slot, tid) : stats_empty();
-    RowStats acc = stats_empty();
+    const RowStats<ACC> mine = tid < C ? *cluster.map_shared_rank(&slice_slot, tid) : stats_empty<ACC>();
+    RowStats<ACC> folded = stats_empty<ACC>();
     for (int r = 0; r < C; ++r) {
-      RowStats o;
+      RowStats<ACC> o;
       o.m = __shfl_sync(0xffffffffu, mine.m, r);
       o.s = __shfl_sync(0xffffffffu, mine.s, r);
       o.sx = __shfl_sync(0xffffffffu, mine.sx, r);
-      o.arg = __shfl_sync(0xffffffffu, mine.arg, r);
-      acc = stats_merge(acc, o);
+      if constexpr (ACC) o.arg = __shfl_sync(0xffffffffu, mine.arg, r);
+      folded = stats_merge(folded, o);
     }
-    if (tid == 0) row_slot = acc;
+    if (tid == 0) row_slot = folded;
   }
   // Barrier 2: no CTA reads another's slice_slot after it (so each may leave once pass 2 is done), and it
   // publishes row_slot to the CTA's own threads.
   cluster.sync();
-  const RowStats rs = row_slot;
+  const RowStats<ACC> rs = row_slot;
   const float lse = rs.m + logf(rs.s);  // -inf for an all -inf row
 
   if (writer) write_row_outputs(a, row, rs, lse, valid, y, soft_cap(x_label, capped, a.softcap, inv_cap));
@@ -660,28 +686,31 @@ int block_index(int64_t V, int vec) {
 }
 
 template <typename T, int VEC>
-const void* row_kernel_ptr() {
-  return reinterpret_cast<const void*>(&ce_row_kernel<T, VEC>);
+const void* row_kernel_ptr(bool acc) {
+  return acc ? reinterpret_cast<const void*>(&ce_row_kernel<T, VEC, true>)
+             : reinterpret_cast<const void*>(&ce_row_kernel<T, VEC, false>);
 }
 
-const void* row_kernel(int dtype, bool vec) {
+const void* row_kernel(int dtype, bool vec, bool acc) {
   switch (dtype) {
-    case kFloat32: return vec ? row_kernel_ptr<float, 4>() : row_kernel_ptr<float, 1>();
-    case kBFloat16: return vec ? row_kernel_ptr<__nv_bfloat16, 8>() : row_kernel_ptr<__nv_bfloat16, 1>();
-    default: return vec ? row_kernel_ptr<__half, 8>() : row_kernel_ptr<__half, 1>();
+    case kFloat32: return vec ? row_kernel_ptr<float, 4>(acc) : row_kernel_ptr<float, 1>(acc);
+    case kBFloat16: return vec ? row_kernel_ptr<__nv_bfloat16, 8>(acc) : row_kernel_ptr<__nv_bfloat16, 1>(acc);
+    default: return vec ? row_kernel_ptr<__half, 8>(acc) : row_kernel_ptr<__half, 1>(acc);
   }
 }
 
 template <typename T>
-const void* cluster_kernel_ptr() {
-  return reinterpret_cast<const void*>(&ce_cluster_kernel<T, static_cast<int>(16 / sizeof(T))>);
+const void* cluster_kernel_ptr(bool acc) {
+  constexpr int VEC = 16 / sizeof(T);
+  return acc ? reinterpret_cast<const void*>(&ce_cluster_kernel<T, VEC, true>)
+             : reinterpret_cast<const void*>(&ce_cluster_kernel<T, VEC, false>);
 }
 
-const void* cluster_kernel(int dtype) {
+const void* cluster_kernel(int dtype, bool acc) {
   switch (dtype) {
-    case kFloat32: return cluster_kernel_ptr<float>();
-    case kBFloat16: return cluster_kernel_ptr<__nv_bfloat16>();
-    default: return cluster_kernel_ptr<__half>();
+    case kFloat32: return cluster_kernel_ptr<float>(acc);
+    case kBFloat16: return cluster_kernel_ptr<__nv_bfloat16>(acc);
+    default: return cluster_kernel_ptr<__half>(acc);
   }
 }
 
@@ -689,20 +718,22 @@ const void* cluster_kernel(int dtype) {
 struct DeviceState {
   cudaError_t error;
   int num_sms;
-  // Bytes of dynamic shared memory one CTA of row_kernel(dtype, vec) with kBlockSizes[b] threads may take
-  // for its row cache without lowering the number of CTAs per SM that registers and threads allow.
-  int64_t cache_bytes[3][2][3];
+  // Bytes of dynamic shared memory one CTA of row_kernel(dtype, vec, acc) with kBlockSizes[b] threads may
+  // take for its row cache without lowering the number of CTAs per SM that registers and threads allow;
+  // indexed [acc][dtype][vec][b].
+  int64_t cache_bytes[2][3][2][3];
 };
 
 // Per-device facts of the cluster kernel, computed once per device on the first call that allows clusters
-// (so a device or driver problem there never affects the default path).
+// (so a device or driver problem there never affects the default path). Indexed by acc first, like
+// cluster_kernel(dtype, acc).
 struct ClusterState {
   cudaError_t error;
   bool available;             // the device launches thread-block clusters (sm_90+)
-  int64_t slice_budget[3];    // largest slice (bytes of dynamic shared memory) that lets 2 CTAs share an SM
-  // cudaOccupancyMaxActiveClusters of cluster_kernel(dtype) with kClusterBlocks[b] threads, cluster size
-  // kClusterSizes[c] and a slice of slice_budget[dtype] bytes; 0: that configuration cannot run.
-  int max_clusters[3][2][3];
+  int64_t slice_budget[2][3];  // largest slice (bytes of dynamic shared memory) that lets 2 CTAs share an SM
+  // cudaOccupancyMaxActiveClusters of cluster_kernel(dtype, acc) with kClusterBlocks[b] threads, cluster size
+  // kClusterSizes[c] and a slice of slice_budget[acc][dtype] bytes; 0: that configuration cannot run.
+  int max_clusters[2][3][2][3];
 };
 
 DeviceState g_states[kMaxDevices];
@@ -722,23 +753,27 @@ cudaError_t init_device(int dev, DeviceState& s) {
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-  for (int dtype = 0; dtype < 3; ++dtype) {
-    for (int vec = 0; vec < 2; ++vec) {
-      const void* fn = row_kernel(dtype, vec != 0);
-      cudaFuncAttributes attr;
-      PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
-      const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
-      const int64_t max_dynamic = std::max<int64_t>(0, optin - static_smem);
-      // Above 48 KB, dynamic shared memory is opt-in per kernel; the carveout asks for the largest shared
-      // memory / smallest L1 split (L1 does nothing for this streaming kernel).
-      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_dynamic)));
-      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-      for (int b = 0; b < 3; ++b) {
-        int resident = 0;
-        PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, kBlockSizes[b], 0));
-        resident = std::max(resident, 1);
-        const int64_t share = per_sm / resident - reserved - static_smem;
-        s.cache_bytes[dtype][vec][b] = std::min(max_dynamic, std::max<int64_t>(0, share));
+  for (int acc = 0; acc < 2; ++acc) {
+    for (int dtype = 0; dtype < 3; ++dtype) {
+      for (int vec = 0; vec < 2; ++vec) {
+        const void* fn = row_kernel(dtype, vec != 0, acc != 0);
+        cudaFuncAttributes attr;
+        PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
+        const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
+        const int64_t max_dynamic = std::max<int64_t>(0, optin - static_smem);
+        // Above 48 KB, dynamic shared memory is opt-in per kernel; the carveout asks for the largest shared
+        // memory / smallest L1 split (L1 does nothing for this streaming kernel).
+        PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(max_dynamic)));
+        PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           cudaSharedmemCarveoutMaxShared));
+        for (int b = 0; b < 3; ++b) {
+          int resident = 0;
+          PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, kBlockSizes[b], 0));
+          resident = std::max(resident, 1);
+          const int64_t share = per_sm / resident - reserved - static_smem;
+          s.cache_bytes[acc][dtype][vec][b] = std::min(max_dynamic, std::max<int64_t>(0, share));
+        }
       }
     }
   }
@@ -762,39 +797,42 @@ cudaError_t init_clusters(int dev, ClusterState& s) {
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-  for (int dtype = 0; dtype < 3; ++dtype) {
-    const void* fn = cluster_kernel(dtype);
-    cudaFuncAttributes attr;
-    PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
-    const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
-    // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
-    const int64_t budget = std::min<int64_t>(optin - static_smem, per_sm / 2 - reserved - static_smem);
-    s.slice_budget[dtype] = std::max<int64_t>(0, budget);
-    PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       static_cast<int>(s.slice_budget[dtype])));
-    PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       cudaSharedmemCarveoutMaxShared));
-    for (int b = 0; b < 2; ++b) {
-      for (int c = 0; c < 3; ++c) {
-        cudaLaunchAttribute dims;
-        dims.id = cudaLaunchAttributeClusterDimension;
-        dims.val.clusterDim.x = kClusterSizes[c];
-        dims.val.clusterDim.y = 1;
-        dims.val.clusterDim.z = 1;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(kClusterSizes[c]);
-        cfg.blockDim = dim3(kClusterBlocks[b]);
-        cfg.dynamicSmemBytes = static_cast<size_t>(s.slice_budget[dtype]);
-        cfg.attrs = &dims;
-        cfg.numAttrs = 1;
-        int n = 0;
-        // A configuration the device refuses (an error here) counts as one that cannot run; the error is
-        // cleared so that the launch does not report it later.
-        if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
-          n = 0;
-          (void)cudaGetLastError();
+  for (int acc = 0; acc < 2; ++acc) {
+    for (int dtype = 0; dtype < 3; ++dtype) {
+      const void* fn = cluster_kernel(dtype, acc != 0);
+      cudaFuncAttributes attr;
+      PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
+      const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
+      // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
+      const int64_t budget = std::min<int64_t>(optin - static_smem, per_sm / 2 - reserved - static_smem);
+      int64_t& slice_budget = s.slice_budget[acc][dtype];
+      slice_budget = std::max<int64_t>(0, budget);
+      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(slice_budget)));
+      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         cudaSharedmemCarveoutMaxShared));
+      for (int b = 0; b < 2; ++b) {
+        for (int c = 0; c < 3; ++c) {
+          cudaLaunchAttribute dims;
+          dims.id = cudaLaunchAttributeClusterDimension;
+          dims.val.clusterDim.x = kClusterSizes[c];
+          dims.val.clusterDim.y = 1;
+          dims.val.clusterDim.z = 1;
+          cudaLaunchConfig_t cfg = {};
+          cfg.gridDim = dim3(kClusterSizes[c]);
+          cfg.blockDim = dim3(kClusterBlocks[b]);
+          cfg.dynamicSmemBytes = static_cast<size_t>(slice_budget);
+          cfg.attrs = &dims;
+          cfg.numAttrs = 1;
+          int n = 0;
+          // A configuration the device refuses (an error here) counts as one that cannot run; the error is
+          // cleared so that the launch does not report it later.
+          if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
+            n = 0;
+            (void)cudaGetLastError();
+          }
+          s.max_clusters[acc][dtype][b][c] = n;
         }
-        s.max_clusters[dtype][b][c] = n;
       }
     }
   }
@@ -821,7 +859,7 @@ struct ClusterPlan {
 
 // The smallest cluster size whose slice fits the 2-CTAs-per-SM budget (out->size = 0 when none does);
 // 256 threads per CTA when the slice leaves room for 3+ CTAs per SM, else 512.
-cudaError_t plan_cluster(const ClusterState& cs, int dtype, int64_t N, int64_t V, ClusterPlan* out) {
+cudaError_t plan_cluster(const ClusterState& cs, int dtype, bool acc, int64_t N, int64_t V, ClusterPlan* out) {
   *out = {0, 0, 0};
   if (!cs.available) return cudaSuccess;
   const int64_t vec = dtype == kFloat32 ? 4 : 8;
@@ -830,23 +868,28 @@ cudaError_t plan_cluster(const ClusterState& cs, int dtype, int64_t N, int64_t V
     // floor(V / vec) bounds the aligned vectors of every row (whatever its head), so ceil of it / size
     // bounds every slice.
     const int64_t smem = (V / vec + size - 1) / size * 16;
-    if (smem > cs.slice_budget[dtype] || N * size > INT_MAX) continue;
+    if (smem > cs.slice_budget[acc][dtype] || N * size > INT_MAX) continue;
     // Asked of the runtime rather than computed: shared memory is allocated in granules, and bf16
     // V = 151936 on H100 (3 slices of 75968 B + static + reserve = 233424 of 233472 B) sits on the edge.
     int resident = 0;
-    PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cluster_kernel(dtype),
+    PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cluster_kernel(dtype, acc),
                                                                 kClusterBlocks[0], static_cast<size_t>(smem)));
     const int b = resident >= 3 ? 0 : 1;
-    if (cs.max_clusters[dtype][b][c] == 0) continue;
+    if (cs.max_clusters[acc][dtype][b][c] == 0) continue;
     *out = {static_cast<int>(size), kClusterBlocks[b], smem};
     return cudaSuccess;
   }
   return cudaSuccess;
 }
 
+// The ACC = true instantiation when a.correct is given, the loss-only one otherwise (both launchers).
 template <typename T, int VEC>
 void launch_rows(const CeArgs& a, int64_t N, int block, size_t smem, cudaStream_t stream) {
-  ce_row_kernel<T, VEC><<<static_cast<unsigned>(N), block, smem, stream>>>(a);
+  if (a.correct != nullptr) {
+    ce_row_kernel<T, VEC, true><<<static_cast<unsigned>(N), block, smem, stream>>>(a);
+  } else {
+    ce_row_kernel<T, VEC, false><<<static_cast<unsigned>(N), block, smem, stream>>>(a);
+  }
 }
 
 template <typename T>
@@ -863,7 +906,9 @@ cudaError_t launch_cluster(const CeArgs& a, int64_t N, const ClusterPlan& p, cud
   cfg.stream = stream;
   cfg.attrs = &dims;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, static_cast<int>(16 / sizeof(T))>, a);
+  constexpr int VEC = 16 / sizeof(T);
+  return a.correct != nullptr ? cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, VEC, true>, a)
+                              : cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, VEC, false>, a);
 }
 
 template <typename T>
@@ -879,7 +924,8 @@ void launch_scale(void* grad, int64_t N, int64_t V, int64_t stride, const float*
 //                     row stride `logits_row_stride` elements, unit column stride
 //   labels            [N] int64 (labels_is_int32 == 0) or int32 (!= 0), contiguous device pointer
 //   loss, lse         [N] float32 out: per-row loss (0 for ignored rows, unscaled) and log-sum-exp (all rows)
-//   correct           [N] int32 out: 1 where the label is valid and the first argmax equals it
+//   correct           [N] int32 out: 1 where the label is valid and the first argmax equals it, or NULL (loss
+//                     only: the kernels are instantiated without the argmax; loss, lse, grad are unchanged)
 //   grad              [N, V] same dtype as logits, row stride `grad_row_stride`, unit column stride, or NULL
 //                     (forward only); may equal logits (in-place gradient)
 //   grad_scale        [1] float32 device pointer, required when grad != NULL: grad = grad_scale * dloss/dlogits
@@ -899,9 +945,10 @@ PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N,
       (cluster_mode != 0 && cluster_mode != 1))
     return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
-  if (logits == nullptr || labels == nullptr || loss == nullptr || lse == nullptr || correct == nullptr ||
+  if (logits == nullptr || labels == nullptr || loss == nullptr || lse == nullptr ||
       (grad != nullptr && grad_scale == nullptr))
     return cudaErrorInvalidValue;
+  const bool acc = correct != nullptr;
   const DeviceState* ds = nullptr;
   PYSEQPACK_TRY(device_state(&ds));
 
@@ -938,14 +985,14 @@ PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N,
     // cached (V <= ~115k bf16 on H100) the logits are read from DRAM exactly once.
     const int64_t access_bytes = vec ? 16 : elem;
     const int64_t accesses = (V + per_access - 1) / per_access;
-    a.ncache = std::min(accesses, ds->cache_bytes[dtype][vec ? 1 : 0][b] / access_bytes);
+    a.ncache = std::min(accesses, ds->cache_bytes[acc][dtype][vec ? 1 : 0][b] / access_bytes);
     smem = static_cast<size_t>(a.ncache * access_bytes);
     if (cluster_mode == 1 && vec && a.ncache < accesses) {
       // The row does not fit one CTA: split it over a cluster, if the device has clusters and a slice fits.
       const ClusterState* cs = nullptr;
       PYSEQPACK_TRY(cluster_state(&cs));
       ClusterPlan p;
-      PYSEQPACK_TRY(plan_cluster(*cs, dtype, N, V, &p));
+      PYSEQPACK_TRY(plan_cluster(*cs, dtype, acc, N, V, &p));
       if (p.size != 0) {
         cudaError_t err;
         switch (dtype) {

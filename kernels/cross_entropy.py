@@ -27,7 +27,8 @@ so sweep 2 relies on L2.
 
 Costs that are not memory: one exp per element per sweep (exp2 with a pre-scaled argument, i.e. the hardware
 ex2.approx), one max-reduction, one sum-reduction and one min-reduction (the argmax) per chunk. Accuracy costs
-the min-reduction only.
+the min-reduction (and an index compare-select per element) only; ``fwd_bwd(..., correct=None)`` compiles the
+kernel without it (HAS_ACC=False), for callers that need no accuracy (the ``cross_entropy`` drop-in).
 
 The contract (shared with the CUDA backend, ``pyseqpack.cross_entropy_cuda``) is documented on ``fwd_bwd`` and
 ``scale_grad_``. The kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
@@ -80,6 +81,7 @@ def _ce_fwd_bwd_kernel(
     HAS_SMOOTHING: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """One program per row.
@@ -88,7 +90,8 @@ def _ce_fwd_bwd_kernel(
     labels_ptr    [N] int64 or int32
     loss_ptr      [N] fp32 out: unscaled per-row loss, 0 for ignored rows
     lse_ptr       [N] fp32 out: log-sum-exp of the (softcapped) row, for every row
-    correct_ptr   [N] int32 out: 1 when the label is valid and argmax == label
+    correct_ptr   [N] int32 out: 1 when the label is valid and argmax == label; unused unless HAS_ACC (then the
+                  argmax is not tracked at all)
     grad_ptr      [N, V] logits' dtype out, row stride ``stride_grad`` (may alias logits_ptr); unused unless HAS_GRAD
     grad_scale_ptr [1] fp32: multiplies the gradient (1/num_valid, 1/num_items_in_batch or 1), read on the device
     V             int: number of classes;  ignore_index: int
@@ -105,11 +108,12 @@ def _ce_fwd_bwd_kernel(
     cols0 = tl.arange(0, BLOCK)
     inv_softcap = 1.0 / softcap
 
-    # ---- sweep 1: running max m, running sum s of exp(x - m), first argmax, sum of x ----
+    # ---- sweep 1: running max m, running sum s of exp(x - m), first argmax (HAS_ACC), sum of x ----
     m = -float("inf")
     s = 0.0
     sum_x = 0.0
-    arg = tl.zeros([], dtype=tl.int32)
+    if HAS_ACC:
+        arg = tl.zeros([], dtype=tl.int32)
     for start in range(0, V, BLOCK):
         cols = start + cols0
         mask = cols < V
@@ -118,9 +122,10 @@ def _ce_fwd_bwd_kernel(
             # masked lanes would become -softcap: put them back to -inf so they never win the max
             x = tl.where(mask, softcap * _tanh(x * inv_softcap), -float("inf"))
         blk_max = tl.max(x, axis=0)
-        # first column of this chunk that holds its max (V as the "none" sentinel)
-        blk_arg = tl.min(tl.where(x == blk_max, cols, V), axis=0)
-        arg = tl.where(blk_max > m, blk_arg, arg)  # strictly greater: an earlier chunk keeps a tie
+        if HAS_ACC:
+            # first column of this chunk that holds its max (V as the "none" sentinel)
+            blk_arg = tl.min(tl.where(x == blk_max, cols, V), axis=0)
+            arg = tl.where(blk_max > m, blk_arg, arg)  # strictly greater: an earlier chunk keeps a tie
         m_new = tl.maximum(m, blk_max)
         # rescale the old sum to the new max; exp2(-inf) = 0 handles the first chunk
         s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((x - m_new) * _LOG2E), axis=0)
@@ -142,7 +147,8 @@ def _ce_fwd_bwd_kernel(
         loss += z_loss * lse * lse
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(lse_ptr + row, lse)
-    tl.store(correct_ptr + row, (valid & (arg == y32)).to(tl.int32))
+    if HAS_ACC:
+        tl.store(correct_ptr + row, (valid & (arg == y32)).to(tl.int32))
 
     # ---- sweep 2: gradient ----
     # d loss / d x_j = (1 - eps)(p_j - [j == y]) + eps (p_j - 1/V) + 2 z lse p_j
@@ -235,13 +241,15 @@ def _check_vec(name, t, n, dtypes):
 
 
 def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap):
-    """Per-row loss, lse, accuracy and (optionally) the scaled gradient, in one launch.
+    """Per-row loss, lse, accuracy (optionally) and the scaled gradient (optionally), in one launch.
 
     logits     [N, V] float32/bfloat16/float16, stride(1) == 1, any stride(0) >= V. Never copied.
     labels     [N] int64 or int32, contiguous (shift already applied by the caller).
     loss       [N] float32 out: unscaled per-row loss, 0.0 where the label is ignored.
     lse        [N] float32 out: log-sum-exp of the (softcapped) row, for every row.
-    correct    [N] int32 out: 1 where the label is valid and argmax(x) == label (first index on ties), else 0.
+    correct    [N] int32 out: 1 where the label is valid and argmax(x) == label (first index on ties), else 0;
+               or None (loss only): the kernel is compiled without the argmax and writes no accuracy.
+               loss, lse and grad are the same bits either way.
     grad       [N, V] logits' dtype, stride(1) == 1, or None (forward only). May be ``logits`` itself.
                grad[i] = grad_scale * d loss_i / d logits_i; exact zeros for ignored rows.
     grad_scale [1] float32 on the logits' device, read by the kernel (no host sync).
@@ -255,7 +263,8 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
     _check_vec("labels", labels, n, (torch.int64, torch.int32))
     _check_vec("loss", loss, n, (torch.float32,))
     _check_vec("lse", lse, n, (torch.float32,))
-    _check_vec("correct", correct, n, (torch.int32,))
+    if correct is not None:
+        _check_vec("correct", correct, n, (torch.int32,))
     _check_vec("grad_scale", grad_scale, 1, (torch.float32,))
     if grad is not None:
         _check_rows("grad", grad, n, v)
@@ -271,7 +280,7 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
         labels,
         loss,
         lse,
-        correct,
+        correct if correct is not None else loss,  # never written when HAS_ACC is False
         grad if grad is not None else logits,  # never written when HAS_GRAD is False
         grad.stride(0) if grad is not None else 0,
         grad_scale,
@@ -284,6 +293,7 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
         HAS_SMOOTHING=label_smoothing > 0,
         HAS_Z=z_loss != 0,
         HAS_SOFTCAP=has_softcap,
+        HAS_ACC=correct is not None,
         BLOCK=block,
         num_warps=num_warps,
     )

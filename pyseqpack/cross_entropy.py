@@ -7,7 +7,8 @@ Public API
   with token accuracy computed in the same kernel (TRL's ``mean_token_accuracy`` without the extra argmax pass).
 * ``cross_entropy(input, target, weight=None, ...)``: drop-in for ``torch.nn.functional.cross_entropy`` on
   [N, C] inputs with class-index targets (class weights and label smoothing included, NaN for a mean over zero
-  valid targets, as torch). Anything else goes to torch itself.
+  valid targets, as torch). Anything else goes to torch itself. It returns no accuracy, so it runs the kernels'
+  loss-only variant (no argmax).
 
 Semantics (/work/shared/SEMANTICS.md, "Cross-entropy, as pyseqpack defines it"), for a row x of V logits in fp32
 and label y:
@@ -99,7 +100,8 @@ def torch_fwd_bwd(
 ):
     """The row-kernel contract in plain torch, TORCH_CHUNK_BYTES of fp32 rows at a time.
 
-    Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd``, plus ``class_weight`` ([V] float, or None):
+    Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd`` (``correct=None``: loss only), plus
+    ``class_weight`` ([V] float, or None):
     torch's weighted formula, used by the ``cross_entropy`` drop-in when class weights meet label smoothing:
         loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
         d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
@@ -127,7 +129,9 @@ def torch_fwd_bwd(
         y = labels[r0:r1].long()
         valid = (y != ignore_index) & (y >= 0) & (y < v)
         y0 = torch.where(valid, y, 0)
-        arg = x.argmax(dim=-1)  # the first index of the max
+        # The first index of the max, the exact lse anchor below: computed in loss-only mode too (an exact anchor
+        # needs a reduction over x either way), so there the torch backend skips only the accuracy compare/store.
+        arg = x.argmax(dim=-1)
         out = grad[r0:r1] if grad is not None else None
         # p = softmax(x), into the fp32 gradient's memory when there is one (x is read by nothing after it but
         # the row gathers below, done first when x aliases that memory).
@@ -149,7 +153,8 @@ def torch_fwd_bwd(
             row_loss = row_loss + z * lse_c * lse_c
         loss[r0:r1] = torch.where(valid, row_loss, 0.0)
         lse[r0:r1] = lse_c
-        correct[r0:r1] = (valid & (arg == y)).to(torch.int32)
+        if correct is not None:
+            correct[r0:r1] = (valid & (arg == y)).to(torch.int32)
         if grad is None:
             continue
         # g = p * a - b - hot * onehot(y) (- eps / V * w with class weights), per row:
@@ -266,13 +271,15 @@ def _row_views(t: Tensor, row0: int = 0) -> list:
 
 
 def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
-         softcap, backend):
-    """Fill per-row loss (scaled by grad_scale and row_weight), lse, correct, and ``grad`` when given."""
+         softcap, with_accuracy, backend):
+    """Fill per-row loss (scaled by grad_scale and row_weight), lse, correct, and ``grad`` when given.
+
+    ``with_accuracy`` False: the kernels run without the argmax and ``correct`` is an empty int32 tensor."""
     n, v = labels.numel(), logits.shape[-1]
     dev = logits.device
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
-    correct = torch.empty(n, dtype=torch.int32, device=dev)
+    correct = torch.empty(n if with_accuracy else 0, dtype=torch.int32, device=dev)
     flat_labels = labels.reshape(-1).contiguous()
     pieces = _row_views(logits)
     # a new gradient buffer is contiguous: its rows line up with the logits' pieces by row index
@@ -290,7 +297,8 @@ def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_inde
             lab = flat_labels[r0:r1]
             if lab.data_ptr() % 16:
                 lab = lab.clone()  # int64 loads from a pointer that is not 16-byte aligned: see STYLE.md pitfalls
-            mod.fwd_bwd(x2, lab, loss[r0:r1], lse[r0:r1], correct[r0:r1], g2, scale, **opts)
+            mod.fwd_bwd(x2, lab, loss[r0:r1], lse[r0:r1], correct[r0:r1] if with_accuracy else None, g2, scale,
+                        **opts)
 
     _dispatch(backend, dev, run)
     loss = loss * scale
@@ -316,6 +324,7 @@ def _fwd_bwd_op(
     z_loss: float,
     softcap: float,
     compute_grad: bool,
+    with_accuracy: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits.
@@ -323,25 +332,32 @@ def _fwd_bwd_op(
     logits [..., V] fp32/bf16/fp16 (stride(-1) == 1), labels [...] int64/int32, grad_scale [1] fp32 (device),
     row_weight [...] fp32 or None (per-row factor: class weights of the targets), class_weight [V] or None
     (torch backend). Returns loss [N] fp32 = grad_scale * row_weight * per-row loss, lse [N] fp32,
-    correct [N] int32, grad (logits' shape and dtype, contiguous; grad_scale * d loss_i / d logits, *without*
-    row_weight, which backward applies) or an empty tensor when compute_grad is False.
+    correct [N] int32 (with_accuracy; without it the kernels skip the argmax and correct is an empty [0] int32
+    tensor: same schema, and its sum is still 0), grad (logits' shape and dtype, contiguous;
+    grad_scale * d loss_i / d logits, *without* row_weight, which backward applies) or an empty tensor when
+    compute_grad is False. loss, lse and grad do not depend on with_accuracy.
     """
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
     loss, lse, correct = _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index,
-                              label_smoothing, z_loss, softcap, backend)
+                              label_smoothing, z_loss, softcap, with_accuracy, backend)
     return loss, lse, correct, grad if grad is not None else logits.new_empty(0)
 
 
-@_fwd_bwd_op.register_fake
-def _(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-      compute_grad, backend):
+def _fake_rows(logits, labels, with_accuracy):
+    """Fake (loss, lse, correct) of both ops: correct is [0] without accuracy."""
     n = labels.numel()
     return (
         logits.new_empty(n, dtype=torch.float32),
         logits.new_empty(n, dtype=torch.float32),
-        logits.new_empty(n, dtype=torch.int32),
-        logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0),
+        logits.new_empty(n if with_accuracy else 0, dtype=torch.int32),
     )
+
+
+@_fwd_bwd_op.register_fake
+def _(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+      compute_grad, with_accuracy, backend):
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
+    return _fake_rows(logits, labels, with_accuracy) + (grad,)
 
 
 @torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd_inplace", mutates_args=("logits",))
@@ -354,23 +370,20 @@ def _fwd_bwd_inplace_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    with_accuracy: bool,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """As cross_entropy_fwd_bwd, but the gradient overwrites ``logits`` (each row is read before it is written).
     The dispatcher bumps the logits' version counter, so autograd refuses a backward through anything else that
     saved them."""
     return _run(logits, labels, logits, grad_scale, row_weight, None, ignore_index, label_smoothing, z_loss,
-                softcap, backend)
+                softcap, with_accuracy, backend)
 
 
 @_fwd_bwd_inplace_op.register_fake
-def _(logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend):
-    n = labels.numel()
-    return (
-        logits.new_empty(n, dtype=torch.float32),
-        logits.new_empty(n, dtype=torch.float32),
-        logits.new_empty(n, dtype=torch.int32),
-    )
+def _(logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
+      backend):
+    return _fake_rows(logits, labels, with_accuracy)
 
 
 @torch.library.custom_op("pyseqpack::cross_entropy_scale_grad_", mutates_args=("grad",))
@@ -404,7 +417,7 @@ def _apply_grad_output(grad, row_weight, g_loss, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[10]
+    ctx.backend = inputs[11]
     ctx.save_for_backward(output[3], inputs[3])
     ctx.mark_non_differentiable(output[1], output[2], output[3])
     # Without this, autograd hands backward a materialized N x V tensor of zeros for the (unused) gradient
@@ -416,7 +429,7 @@ def _backward(ctx, g_loss, g_lse, g_correct, g_grad):
     # The gradient was computed in the forward; scaling it in place bumps its version, so a second backward
     # through the same graph (retain_graph=True) raises instead of scaling it twice.
     grad, row_weight = ctx.saved_tensors
-    return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 10
+    return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 11
 
 
 _fwd_bwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -426,9 +439,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     """Autograd for the in-place op (torch.library cannot register a formula on a mutating op)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    def forward(ctx, logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap,
+                with_accuracy, backend):
         loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
-            logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, backend
+            logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
+            backend
         )
         ctx.backend = backend
         ctx.save_for_backward(logits, row_weight)  # logits now hold the gradient
@@ -439,7 +454,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_lse, g_correct):
         grad, row_weight = ctx.saved_tensors
-        return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 8
+        return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 9
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -647,10 +662,10 @@ def fused_cross_entropy(
     cap = float(softcap) if softcap is not None else 0.0
     args = (int(ignore_index), float(label_smoothing), float(z_loss), cap)
     if inplace_backward and compute_grad:
-        rows, _, correct = _InplaceCrossEntropy.apply(logits, labels, grad_scale, None, *args, backend)
+        rows, _, correct = _InplaceCrossEntropy.apply(logits, labels, grad_scale, None, *args, True, backend)
     else:
         rows, _, correct, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-            logits, labels, grad_scale, None, None, *args, compute_grad, backend
+            logits, labels, grad_scale, None, None, *args, compute_grad, True, backend
         )
     loss = rows.reshape(labels.shape) if reduction == "none" else rows.sum()
     num_correct = correct.sum(dtype=torch.int64)
@@ -726,9 +741,10 @@ def cross_entropy(
     else:
         grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
     compute_grad = torch.is_grad_enabled() and x.requires_grad
+    # with_accuracy=False: torch's function returns no accuracy, so the kernels skip the argmax
     rows, _, _, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
         x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0, 0.0,
-        compute_grad, "auto",
+        compute_grad, False, "auto",
     )
     if reduction == "none":
         out = rows.reshape(()) if squeeze else rows

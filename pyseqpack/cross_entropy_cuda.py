@@ -88,13 +88,15 @@ def _require_matrix(name: str, t: torch.Tensor, device: torch.device) -> int:
 
 
 def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap):
-    """Per-row cross-entropy, log-sum-exp, accuracy and (when ``grad`` is given) the scaled gradient.
+    """Per-row cross-entropy, log-sum-exp, accuracy (when ``correct`` is given) and the scaled gradient (when
+    ``grad`` is given).
 
     logits      [N, V] float32 / bfloat16 / float16 CUDA tensor, stride(1) == 1, any stride(0); never copied
     labels      [N] int64 or int32, contiguous, same device (already shifted by the caller)
     loss        [N] float32 out: unscaled per-row loss, 0.0 where the label is ignore_index (or outside [0, V))
     lse         [N] float32 out: log-sum-exp of every row (after the softcap)
-    correct     [N] int32 out: 1 where the label is valid and equals the first argmax, else 0
+    correct     [N] int32 out: 1 where the label is valid and equals the first argmax, else 0; or None (loss
+                only): NULL goes to the C entry point, which then runs the kernels compiled without the argmax
     grad        [N, V] same dtype as logits, stride(1) == 1 (may be ``logits`` itself), or None (forward only):
                 grad_scale * d loss_i / d logits_i; exact zeros in ignored rows
     grad_scale  [1] float32 device tensor (read by the kernel, never by the host); required with ``grad``
@@ -107,7 +109,10 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
     _require_vector("labels", labels, n, (torch.int64, torch.int32), device)
     _require_vector("loss", loss, n, (torch.float32,), device)
     _require_vector("lse", lse, n, (torch.float32,), device)
-    _require_vector("correct", correct, n, (torch.int32,), device)
+    correct_ptr = None
+    if correct is not None:
+        _require_vector("correct", correct, n, (torch.int32,), device)
+        correct_ptr = correct.data_ptr()
     grad_ptr, grad_stride, scale_ptr = None, 0, None
     if grad is not None:
         _require_matrix("grad", grad, device)
@@ -121,7 +126,7 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
         rc = lib.pyseqpack_ce_fwd_bwd(
             logits.data_ptr(), code, n, v, logits.stride(0),
             labels.data_ptr(), int(labels.dtype == torch.int32),
-            loss.data_ptr(), lse.data_ptr(), correct.data_ptr(),
+            loss.data_ptr(), lse.data_ptr(), correct_ptr,
             grad_ptr, grad_stride, scale_ptr,
             int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
             int(bool(USE_CLUSTERS)), torch.cuda.current_stream(device).cuda_stream,

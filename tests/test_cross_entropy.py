@@ -442,6 +442,65 @@ def test_contract_fwd_bwd(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v,opts", [
+    (300, dict(label_smoothing=0.1, z_loss=1e-3, softcap=20.0)),
+    (20000, dict(label_smoothing=0.0, z_loss=0.0, softcap=0.0)),  # several Triton chunks per row
+])
+@pytest.mark.parametrize("grad_mode", ["new", "none", "inplace"])
+def test_contract_loss_only_same_bits(grad_mode, v, opts, dtype, backend):
+    """correct=None (loss only: the kernels compiled without the argmax) gives the same loss, lse and gradient,
+    bit for bit, as the run with accuracy, with a new gradient, forward only, and the gradient in place; ignored
+    and out-of-range labels included."""
+    mod = _contract_module(backend)
+    dev = device_for(backend)
+    n = 5
+    logits = (torch.randn(n, v, generator=torch.Generator().manual_seed(v)) * 3).to(dtype).to(dev)
+    labels = torch.tensor([5, -100, v, 0, 7], device=dev)
+    labels[3] = logits[3].float().argmax()
+    scale = torch.tensor([0.5], device=dev)
+    opts = dict(ignore_index=-100, **opts)
+    results = []
+    for correct in (torch.full((n,), -1, dtype=torch.int32, device=dev), None):
+        x = logits.clone()
+        grad = {"new": torch.empty_like(x), "none": None, "inplace": x}[grad_mode]
+        loss, lse = torch.empty(n, device=dev), torch.empty(n, device=dev)
+        mod.fwd_bwd(x, labels, loss, lse, correct, grad, scale, **opts)
+        results.append((loss, lse, grad, correct))
+    (loss_a, lse_a, grad_a, correct_a), (loss_b, lse_b, grad_b, _) = results
+    assert correct_a.tolist() == [0, 0, 0, 1, 0]
+    assert torch.equal(loss_a, loss_b) and torch.equal(lse_a, lse_b)
+    if grad_mode != "none":
+        assert torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_op_with_accuracy_false(inplace, backend):
+    """The ops with with_accuracy=False: an empty int32 correct, and loss / lse / gradient identical to
+    with_accuracy=True."""
+    dev = device_for(backend)
+    logits, labels = make_inputs((3, 4), 41, torch.bfloat16, dev)
+    scale = torch.tensor([0.25], device=dev)
+    args = (-100, 0.1, 1e-3, 4.0)
+    outs = []
+    for with_accuracy in (True, False):
+        x = logits.clone()
+        if inplace:
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
+                x, labels, scale, None, *args, with_accuracy, backend)
+            grad = x
+        else:
+            loss, lse, correct, grad = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+                x, labels, scale, None, None, *args, True, with_accuracy, backend)
+        outs.append((loss, lse, grad, correct))
+    (loss_a, lse_a, grad_a, correct_a), (loss_b, lse_b, grad_b, correct_b) = outs
+    assert correct_a.shape == (12,) and int(correct_a.sum()) > 0
+    assert correct_b.shape == (0,) and correct_b.dtype == torch.int32
+    assert torch.equal(loss_a, loss_b) and torch.equal(lse_a, lse_b) and torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_contract_scale_grad(dtype, backend):
     mod = _contract_module(backend)

@@ -18,35 +18,38 @@ OPS = torch.ops.pyseqpack  # registered by importing pyseqpack.cross_entropy
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-def _args(backend, requires_grad, compute_grad, n=5, v=11):
+def _args(backend, requires_grad, compute_grad, with_accuracy=True, n=5, v=11):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(n, v, generator=gen).requires_grad_(requires_grad)
     labels = torch.randint(0, v, (n,), generator=gen)
     labels[2] = -100
     scale = torch.tensor([0.25])
-    return (logits, labels, scale, None, None, -100, 0.1, 1e-2, 3.0, compute_grad, backend)
+    return (logits, labels, scale, None, None, -100, 0.1, 1e-2, 3.0, compute_grad, with_accuracy, backend)
 
 
+@pytest.mark.parametrize("with_accuracy", [True, False], ids=["accuracy", "loss_only"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_fwd_bwd(backend):
+def test_opcheck_fwd_bwd(backend, with_accuracy):
     # forward only: every check, AOT dispatch included
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, False, False))
+    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, False, False, with_accuracy))
     # with the gradient and autograd. test_aot_dispatch_dynamic is left out here on purpose: it returns every op
     # output to the caller, including the saved gradient that backward then scales in place, a combination
     # AOTAutograd cannot partition. pyseqpack never exposes that output; the real fwd+bwd under AOTAutograd is
     # covered by the torch.compile tests below.
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, True, True),
+    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, True, True, with_accuracy),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("with_accuracy", [True, False], ids=["accuracy", "loss_only"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_inplace_and_scale(backend):
+def test_opcheck_inplace_and_scale(backend, with_accuracy):
     logits, labels, scale, *_ = _args(backend, False, True)
     torch.library.opcheck(OPS.cross_entropy_fwd_bwd_inplace.default,
-                          (logits, labels, scale, None, -100, 0.1, 1e-2, 3.0, backend))
+                          (logits, labels, scale, None, -100, 0.1, 1e-2, 3.0, with_accuracy, backend))
     row_weight = torch.rand(5)
     torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default,
-                          (logits, labels, scale, row_weight, None, -100, 0.0, 0.0, 0.0, False, backend))
+                          (logits, labels, scale, row_weight, None, -100, 0.0, 0.0, 0.0, False, with_accuracy,
+                           backend))
     torch.library.opcheck(OPS.cross_entropy_scale_grad_.default, (torch.randn(5, 11), torch.randn(5), backend))
     torch.library.opcheck(OPS.cross_entropy_scale_grad_.default, (torch.randn(2, 3, 11), torch.randn(1), backend))
 
@@ -172,15 +175,18 @@ arch = int(sys.argv[1])
 target = GPUTarget("cuda", arch, 32)
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 block, warps = k.fwd_bwd_config(151936)
-for dtype, labels, flags in [("bf16", "i64", (True, True, True, True)), ("fp32", "i32", (False,) * 4)]:
+# (HAS_GRAD, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, HAS_ACC): everything on; accuracy only; the drop-in's loss only
+variants = [("bf16", "i64", (True,) * 5), ("fp32", "i32", (False,) * 4 + (True,)),
+            ("bf16", "i64", (True,) + (False,) * 4)]
+for dtype, labels, flags in variants:
     signature = {
         "logits_ptr": "*" + dtype, "stride_logits": "i64", "labels_ptr": "*" + labels, "loss_ptr": "*fp32",
         "lse_ptr": "*fp32", "correct_ptr": "*i32", "grad_ptr": "*" + dtype, "stride_grad": "i64",
         "grad_scale_ptr": "*fp32", "V": "i32", "ignore_index": "i32", "label_smoothing": "fp32", "z_loss": "fp32",
         "softcap": "fp32", "HAS_GRAD": "constexpr", "HAS_SMOOTHING": "constexpr", "HAS_Z": "constexpr",
-        "HAS_SOFTCAP": "constexpr", "BLOCK": "constexpr",
+        "HAS_SOFTCAP": "constexpr", "HAS_ACC": "constexpr", "BLOCK": "constexpr",
     }
-    constexprs = dict(zip(("HAS_GRAD", "HAS_SMOOTHING", "HAS_Z", "HAS_SOFTCAP"), flags), BLOCK=block)
+    constexprs = dict(zip(("HAS_GRAD", "HAS_SMOOTHING", "HAS_Z", "HAS_SOFTCAP", "HAS_ACC"), flags), BLOCK=block)
     kernel = triton.compile(ASTSource(k._ce_fwd_bwd_kernel, signature, constexprs), target=target,
                             options={"num_warps": warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -214,6 +220,6 @@ def test_triton_kernels_compile_for_gpu(arch):
                           timeout=300, cwd=tempfile.gettempdir())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert lines[-1] == "scale_grad ok" and len(lines) == 3, proc.stdout
-    for line in lines[:2]:
+    assert lines[-1] == "scale_grad ok" and len(lines) == 4, proc.stdout
+    for line in lines[:3]:
         assert "STACK:0 " in line, line

@@ -14,6 +14,7 @@ Shapes are chosen for the code paths they reach: V = 1 and 7 (no full 16-byte ve
 151936 (Qwen vocabulary) and 256000 (Gemma): with the one-CTA-per-row kernel the row is only partly cached
 and the rest re-read in pass 2; with clusters (cross_entropy_cuda.USE_CLUSTERS, the `clusters` parameter) 4
 or 8 CTAs share the row on sm_90 (fp32 V = 256000 does not fit even 8 and falls back); N = 1, 3, 29.
+correct=None selects the loss-only instantiations of both kernels (no argmax): same loss, lse and grad bits.
 """
 import ctypes
 
@@ -74,12 +75,13 @@ def reference(logits, labels, *, ignore_index=-100, eps=0.0, z=0.0, softcap=0.0,
     return loss.detach(), lse.detach(), correct, grad
 
 
-def run(logits, labels, *, grad="new", ignore_index=-100, eps=0.0, z=0.0, softcap=0.0, scale=1.0):
-    """Calls the CUDA launcher. grad: None (forward only), "new" (a fresh tensor), "inplace" or a tensor."""
+def run(logits, labels, *, grad="new", ignore_index=-100, eps=0.0, z=0.0, softcap=0.0, scale=1.0, accuracy=True):
+    """Calls the CUDA launcher. grad: None (forward only), "new" (a fresh tensor), "inplace" or a tensor;
+    accuracy=False passes correct=None (the loss-only kernels), and correct comes back as None."""
     n, dev = logits.shape[0], logits.device
     loss = torch.full((n,), float("nan"), device=dev)
     lse = torch.full((n,), float("nan"), device=dev)
-    correct = torch.full((n,), -1, dtype=torch.int32, device=dev)
+    correct = torch.full((n,), -1, dtype=torch.int32, device=dev) if accuracy else None
     if isinstance(grad, str):
         grad = torch.full_like(logits, float("nan")) if grad == "new" else logits
     grad_scale = torch.tensor([scale], device=dev)
@@ -93,7 +95,8 @@ def assert_matches(out, ref, dtype, v, scale=1.0):
     r_loss, r_lse, r_correct, r_grad = ref
     torch.testing.assert_close(loss, r_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-4)
-    assert torch.equal(correct, r_correct), (correct, r_correct)
+    if correct is not None:
+        assert torch.equal(correct, r_correct), (correct, r_correct)
     if grad is not None:
         # The absolute part covers cancellation in p (1 + 2 z lse) - eps / V, where fp32 noise is ~1e-6 of 1/V.
         atol = 1e-4 * abs(scale) / v + GRAD_ATOL_FLOOR[dtype]
@@ -150,9 +153,10 @@ def test_launcher_refuses_cpu_tensors():
     ce = _ce()
     x = torch.randn(3, 5)
     f32 = torch.zeros(3)
-    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
-        ce.fwd_bwd(x, torch.zeros(3, dtype=torch.long), f32, f32.clone(), torch.zeros(3, dtype=torch.int32),
-                   None, None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0)
+    for correct in (torch.zeros(3, dtype=torch.int32), None):
+        with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+            ce.fwd_bwd(x, torch.zeros(3, dtype=torch.long), f32, f32.clone(), correct,
+                       None, None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=0.0)
     with pytest.raises(ValueError, match="grad must be a CUDA tensor"):
         ce.scale_grad_(x, torch.ones(1))
 
@@ -203,6 +207,24 @@ def test_forward_only_equals_forward_of_fwd_bwd(dtype, v, clusters):
         else:  # the same kernel with and without a gradient: bit for bit
             assert torch.equal(a, b)
     assert_matches(fwd, reference(logits, labels, eps=0.1), dtype, v)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grad", ["new", None, "inplace"])
+@pytest.mark.parametrize("v,clusters", [(7, False), (4099, False), (32000, False), (151936, False), (151936, True),
+                                        (256000, True)], indirect=["clusters"])
+def test_loss_only_same_bits_as_with_accuracy(dtype, grad, v, clusters):
+    # correct=None runs the ACC = false instantiation of the same kernel (row or cluster): the argmax is gone,
+    # the sums and the gradient are computed the same way, so loss, lse and grad are bit for bit the same.
+    logits, labels = make_case(3 if v > 100000 else 29, v, dtype)
+    opts = dict(eps=0.1, z=1e-4, softcap=25.0, scale=0.5)
+    with_acc = run(logits.clone(), labels, grad=grad, **opts)
+    loss_only = run(logits.clone(), labels, grad=grad, accuracy=False, **opts)
+    assert loss_only[2] is None
+    for a, b in zip(with_acc[:2] + with_acc[3:], loss_only[:2] + loss_only[3:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert_matches(loss_only, reference(logits, labels, **opts), dtype, v, 0.5)
 
 
 @needs_gpu
@@ -393,6 +415,7 @@ def test_cuda_graph_capture_reads_scales_on_the_device(v, clusters):
 
 
 @needs_gpu
+@pytest.mark.parametrize("accuracy", [True, False], ids=["accuracy", "loss_only"])
 @pytest.mark.parametrize("clusters,dtype,v,grad,kernel", [
     (False, torch.bfloat16, 151936, "new", "ce_row_kernel"),
     (True, torch.bfloat16, 151936, "new", "ce_cluster_kernel"),    # C = 4
@@ -402,18 +425,21 @@ def test_cuda_graph_capture_reads_scales_on_the_device(v, clusters):
     (True, torch.bfloat16, 32000, "new", "ce_row_kernel"),         # the whole row fits one CTA
     (True, torch.float32, 256000, "new", "ce_row_kernel"),         # 1 MB rows: 8 slices do not fit 2 per SM
 ], indirect=["clusters"])
-def test_kernel_selection_on_sm90(clusters, dtype, v, grad, kernel):
+def test_kernel_selection_on_sm90(clusters, dtype, v, grad, kernel, accuracy):
     # Which kernel runs, from the profiler's kernel names. The sizes assume sm_90 (H100 / H200: 228 KB of
-    # shared memory per SM, 227 KB per CTA); other GPUs have other limits.
+    # shared memory per SM, 227 KB per CTA); other GPUs have other limits. Loss only selects the same kernel,
+    # in its ACC = false instantiation (the last template argument: "false" demangled, "Lb0E" mangled).
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the expected selection is that of sm_90 (228 KB of shared memory per SM)")
     logits, labels = make_case(3, v, dtype)
-    run(logits.clone(), labels, grad=grad)  # first call: per-device setup
+    run(logits.clone(), labels, grad=grad, accuracy=accuracy)  # first call: per-device setup
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(logits, labels, grad=grad)
+        run(logits, labels, grad=grad, accuracy=accuracy)
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages() if "ce_row_kernel" in e.key or "ce_cluster_kernel" in e.key]
     assert len(names) == 1 and kernel in names[0], names
+    acc_arg = ("true>", "Lb1E") if accuracy else ("false>", "Lb0E")
+    assert any(a in names[0] for a in acc_arg), names
 
 
 # ---------------------------------------------------------------- scale_grad_ on a GPU

@@ -174,6 +174,26 @@ def test_inputs_not_mutated(auto_backend):
     assert torch.equal(x.detach(), before[0]) and torch.equal(t, before[1]) and torch.equal(w, before[2])
 
 
+def test_dropins_skip_the_argmax(monkeypatch, auto_backend):
+    """The drop-ins return no accuracy, so they call the backend with correct=None (the kernels' loss-only
+    variant); fused_cross_entropy, whose output has the counts, passes a correct buffer."""
+    mod = ce_mod._backend_module(auto_backend, torch.device("cpu"))
+    real = mod.fwd_bwd
+    loss_only = []
+
+    def spy(logits, labels, loss, lse, correct, *args, **kwargs):
+        loss_only.append(correct is None)
+        return real(logits, labels, loss, lse, correct, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "fwd_bwd", spy)
+    x, t, _ = inputs(6, 9, torch.float32)
+    x.requires_grad_(True)
+    cross_entropy(x, t, label_smoothing=0.1).backward()
+    CrossEntropyLoss(reduction="sum")(x, t).backward()
+    fused_cross_entropy(x, t).loss.backward()
+    assert loss_only == [True, True, False]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # nn modules
 # ------------------------------------------------------------------------------------------------------------
