@@ -236,17 +236,23 @@ __device__ __forceinline__ RowStats<ACC> stats_merge(const RowStats<ACC>& a, con
   return r;
 }
 
+// Lane `src`'s statistics, for every lane of the (full) warp.
+template <bool ACC>
+__device__ __forceinline__ RowStats<ACC> shfl_stats(const RowStats<ACC>& v, int src) {
+  RowStats<ACC> o;
+  o.m = __shfl_sync(0xffffffffu, v.m, src);
+  o.s = __shfl_sync(0xffffffffu, v.s, src);
+  o.sx = __shfl_sync(0xffffffffu, v.sx, src);
+  if constexpr (ACC) o.arg = __shfl_sync(0xffffffffu, v.arg, src);
+  return o;
+}
+
+// Butterfly merge: after it every lane holds the warp's statistics.
 template <bool ACC>
 __device__ __forceinline__ RowStats<ACC> warp_merge(RowStats<ACC> v) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    RowStats<ACC> o;
-    o.m = __shfl_xor_sync(0xffffffffu, v.m, offset);
-    o.s = __shfl_xor_sync(0xffffffffu, v.s, offset);
-    o.sx = __shfl_xor_sync(0xffffffffu, v.sx, offset);
-    if constexpr (ACC) o.arg = __shfl_xor_sync(0xffffffffu, v.arg, offset);
-    v = stats_merge(v, o);
-  }
+  for (int offset = 16; offset > 0; offset >>= 1) v = stats_merge(v, shfl_stats(v, lane ^ offset));
   return v;
 }
 
@@ -574,14 +580,7 @@ __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const C
   if (tid < 32) {
     const RowStats<ACC> mine = tid < C ? *cluster.map_shared_rank(&slice_slot, tid) : stats_empty<ACC>();
     RowStats<ACC> folded = stats_empty<ACC>();
-    for (int r = 0; r < C; ++r) {
-      RowStats<ACC> o;
-      o.m = __shfl_sync(0xffffffffu, mine.m, r);
-      o.s = __shfl_sync(0xffffffffu, mine.s, r);
-      o.sx = __shfl_sync(0xffffffffu, mine.sx, r);
-      if constexpr (ACC) o.arg = __shfl_sync(0xffffffffu, mine.arg, r);
-      folded = stats_merge(folded, o);
-    }
+    for (int r = 0; r < C; ++r) folded = stats_merge(folded, shfl_stats(mine, r));
     if (tid == 0) row_slot = folded;
   }
   // Barrier 2: no CTA reads another's slice_slot after it (so each may leave once pass 2 is done), and it
