@@ -322,6 +322,17 @@ class _Options:
     pad_to_multiple_of: Optional[int]
     decoder_start_token_id: Optional[int]
     dtype: torch.dtype
+    # Derived once (the options object is cached per distinct call): psm::Layout's planning options as the
+    # kernels take them, max_length (-1: no truncation), trunc_left, pad_left; and the kernels' scalar values
+    # pad_token_id, label_pad_token_id, decoder_start_token_id (0 where unused) and the output item size.
+    layout: tuple = dataclasses.field(init=False, repr=False, compare=False)
+    fills: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layout", (self.max_length if self.truncation else -1,
+                                            self.truncation_side == "left", self.padding_side == "left"))
+        object.__setattr__(self, "fills", (self.pad_token_id or 0, self.label_pad_token_id or 0,
+                                           self.decoder_start_token_id or 0, self.dtype.itemsize))
 
     def padded_length(self, longest: int) -> int:
         length = self.max_length if self.padding == "max_length" else longest
@@ -610,12 +621,6 @@ def _cpu_source(seqs: _Seqs):
     return flat, seqs.offsets
 
 
-def _layout_args(opts: _Options) -> tuple:
-    """psm::Layout's planning options as the kernels take them: max_length (-1: no truncation), trunc_left,
-    pad_left."""
-    return (opts.max_length if opts.truncation else -1, opts.truncation_side == "left", opts.padding_side == "left")
-
-
 def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Options, outs: dict,
              num_threads) -> None:
     tokens, tok_offsets = _cpu_source(src)
@@ -623,13 +628,12 @@ def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Opti
     mask_obj = _cpu_source(masks)[0] if masks is not None else None
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.cpu().numpy()
-    extra_args = tuple((name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items())
-    addr = tuple(outs[k].data_ptr() if k in outs else 0 for k in OUTPUT_KEYS)
-    extra_addr = tuple(outs[name].data_ptr() for name in extras)
-    _native.cpu_module().psm_fill(
-        src.B, widths.L, widths.Ll, *_layout_args(opts), tokens, tok_offsets, kind, labels, lab_offsets,
-        prompt, mask_obj, extra_args, addr, extra_addr, opts.pad_token_id or 0, opts.label_pad_token_id or 0,
-        opts.decoder_start_token_id or 0, opts.dtype.itemsize, num_threads or 0)
+    extra_args = tuple([(name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items()])
+    addr = tuple([outs[k].data_ptr() if k in outs else 0 for k in OUTPUT_KEYS])
+    extra_addr = tuple([outs[name].data_ptr() for name in extras])
+    _native.cpu_module().psm_fill(src.B, widths.L, widths.Ll, *opts.layout, tokens, tok_offsets, kind, labels,
+                                  lab_offsets, prompt, mask_obj, extra_args, addr, extra_addr, *opts.fills,
+                                  num_threads or 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -714,7 +718,7 @@ def _gather_host(seqs: _Seqs, kept: np.ndarray, opts: _Options, is_mask: bool, p
     if _native.cpu_available():
         out = torch.empty(int(kept.sum()), dtype=opts.dtype, pin_memory=pin)
         obj, offsets = _cpu_source(seqs)
-        max_length, trunc_left, _ = _layout_args(opts)
+        max_length, trunc_left, _ = opts.layout
         _native.cpu_module().psm_gather(obj, seqs.name, seqs.B, offsets, max_length, trunc_left, out.data_ptr(),
                                         out.element_size(), int(is_mask))
         return out
@@ -770,7 +774,7 @@ def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts:
         extras_t = _aligned(torch.stack(flats))
         pads = _to_device(torch.tensor([pad for _, pad in extras.values()], dtype=torch.int64), device)
     given = kind == LABELS_GIVEN
-    max_length, trunc_left, pad_left = _layout_args(opts)
+    max_length, trunc_left, pad_left = opts.layout
     return DeviceLaunch(
         tokens=field(src, kept, False), offsets=offsets(src, kept),
         loss_masks=field(masks, kept, True) if masks is not None else None,
@@ -921,7 +925,7 @@ def pad_shift_mask(
     # devices
     out_device = _resolve_device(device, src)
     for seqs in [src, lab, masks] + [s for s, _ in extra_seqs.values()]:
-        if seqs is not None and not seqs.on_host and seqs.device != out_device:
+        if seqs is not None and seqs.rows is None and not seqs.on_host and seqs.device != out_device:
             raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on a "
                              "device can only be collated onto that device")
     requested, backend = backend, _select_backend(backend, out_device)
