@@ -17,7 +17,9 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
   masks), given the row lengths on the host. On a CPU, --cpu-threads threads (1 by default) for torch and
-  for pad_shift_mask. On a GPU the goal is well under 50 us for the fused kernels.
+  for pad_shift_mask. On a GPU the goal is well under 50 us for the fused kernels, timed two ways: the whole
+  op call (argument checks, output allocations, launch), and the kernel launch alone with the arguments the
+  op built (``launch only``), which tells the kernel's cost from the Python around it.
 
 GB/s = output bytes / median (the bytes a collator must write; the inputs are read once too).
 Before timing, every implementation's output is checked against the baseline's, so a fast wrong
@@ -26,6 +28,7 @@ result fails the benchmark instead of being reported.
 from __future__ import annotations
 
 import inspect
+import sys
 
 import numpy as np
 import pytest
@@ -208,7 +211,40 @@ def _flat_torch(flat, lengths, length, pad):
     return collate
 
 
-@pytest.mark.parametrize("impl", ["torch-ops", "psm-cuda", "psm-triton", "psm-cpu", "psm-torch"])
+def _launch_only(call, backend):
+    """The kernel launch alone: one op call builds the DeviceLaunch (captured at pyseqpack.pad_shift_mask's
+    _run_device), then each timed call re-launches the kernel on those arguments into the same outputs."""
+    M = sys.modules["pyseqpack.pad_shift_mask"]
+    captured, run_device = {}, M._run_device
+
+    def grab(b, args):
+        captured["args"] = args
+        run_device(b, args)
+
+    M._run_device = grab
+    try:
+        call()
+    finally:
+        M._run_device = run_device
+    args = captured["args"]
+    if backend == "cuda":
+        launcher = M._cuda_kernel()[0]
+        launch = lambda: launcher.launch(args, check=False)  # noqa: E731
+    else:
+        from pyseqpack.kernels import pad_shift_mask as triton_kernel
+
+        launch = lambda: triton_kernel.launch(args)  # noqa: E731
+    keys = [k for k in args.outputs if k != "extras"]
+
+    def fn():
+        launch()
+        return {k: args.outputs[k] for k in keys}
+
+    return fn
+
+
+@pytest.mark.parametrize("impl", ["torch-ops", "psm-cuda", "psm-triton", "psm-cpu", "psm-torch", "psm-cuda-launch",
+                                  "psm-triton-launch"])
 def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
     device = bench_cfg.device
     batch, lo, hi = flat_shape
@@ -224,8 +260,9 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
     if impl == "torch-ops":
         label, role, fn = "torch ops (split + pad_sequence + masks)", H.BASELINE, baseline
     else:
-        backend = impl.removeprefix("psm-")
-        if backend not in _backends(device):
+        launch_only = impl.endswith("-launch")
+        backend = impl.removeprefix("psm-").removesuffix("-launch")
+        if backend not in _backends(device) or (launch_only and device.type != "cuda"):
             pytest.skip(f"pad_shift_mask backend {backend!r} is not available on {device}")
         op = _pyseqpack("pad_shift_mask")
         kw = _thread_kwargs(op, bench_cfg.cpu_threads) if device.type == "cpu" else {}
@@ -237,6 +274,8 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
                       backend=backend, **kw)
 
         label, role = f"pyseqpack pad_shift_mask[{backend}]", H.OURS
+        if launch_only:
+            fn, label = _launch_only(fn, backend), f"{label} kernel launch only (arguments prebuilt)"
         got = fn()
         for k, v in expected.items():
             assert torch.equal(got[k], v), f"{label}: {k!r} differs from the torch-ops output"
@@ -244,6 +283,8 @@ def test_collate_flat(benchmark, bench_cfg, flat_shape, impl):
     info = {"suite": "collate", "impl": label, "role": role, "input": f"flat-{device.type}", "batch": batch,
             "len_lo": lo, "len_hi": hi, "max_len": length, "tokens": sum(lengths), "order": 2,
             "threads": bench_cfg.cpu_threads if device.type == "cpu" else None}
-    if device.type == "cuda" and impl in ("psm-cuda", "psm-triton"):
-        info["goal"] = {"kind": "median_below_us", "value": 50, "label": f"flat-buffer kernel B={batch} x {length}"}
+    if device.type == "cuda" and impl.startswith("psm-") and backend in ("cuda", "triton"):
+        what = "kernel launch" if launch_only else "whole op call"
+        info["goal"] = {"kind": "median_below_us", "value": 50,
+                        "label": f"flat-buffer kernel B={batch} x {length} ({what})"}
     H.measure(benchmark, fn, bench_cfg, nbytes=H.output_bytes(expected), info=info)
