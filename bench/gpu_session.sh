@@ -3,7 +3,7 @@
 # nvcc, pytest, pytest-benchmark, hypothesis and transformers, no internet). From the repository root:
 #
 #   bash bench/gpu_session.sh prepare          # HERE (with internet): fetch the wheels the GPU machine lacks
-#   bash bench/gpu_session.sh tests            # THERE: build, env report, every GPU test             (~5 min)
+#   bash bench/gpu_session.sh tests            # THERE: build, env report, GPU test files, then the rest (<10 min)
 #   bash bench/gpu_session.sh sanitize         # THERE: build, compute-sanitizer memcheck + racecheck  (~5 min)
 #   bash bench/gpu_session.sh bench [ARGS...]  # THERE: build, `python -m pyseqpack bench ARGS`        (~8 min)
 #
@@ -50,9 +50,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/env
 
 case "$step" in
 tests)
-    # The GPU tests (CUDA and Triton-on-CUDA parity, CUDA graphs, >2^31 offsets) plus the whole suite on the GPU.
-    cd /tmp && timeout 520 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" \
-        "$REPO/tests" -m "slow or not slow" -x --durations=15 2>&1 | tee "$OUT/tests.log"
+    # The files with GPU tests first (CUDA and Triton-on-CUDA parity, CUDA graphs, the cluster kernel, >2^31
+    # offsets), then the rest of the suite on the GPU machine; each failure is listed (no -x), with a JUnit XML.
+    cd /tmp
+    gpu_files=(test_pad_shift_mask_cuda.py test_pad_shift_mask_triton.py test_pad_shift_mask.py
+               test_cross_entropy_cuda.py test_cross_entropy.py test_cross_entropy_compile.py)
+    timeout 330 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" -m "slow or not slow" \
+        --maxfail=30 --durations=15 --junitxml="$OUT/tests-gpu.xml" "${gpu_files[@]/#/$REPO/tests/}" 2>&1 \
+        | tee "$OUT/tests-gpu.log" | tail -60
+    rest=()
+    for f in "$REPO"/tests/test_*.py; do
+        [[ " ${gpu_files[*]} " == *" $(basename "$f") "* ]] || rest+=("$f")
+    done
+    timeout 120 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" --maxfail=30 \
+        "${rest[@]}" 2>&1 | tee "$OUT/tests-rest.log" | tail -30
     ;;
 sanitize)
     # memcheck and racecheck on the native CUDA kernels (the Triton ones are checked by the parity tests).
