@@ -10,6 +10,14 @@
 # Every step after `prepare` builds first (sm_90 only, to save time) and writes its logs and results under
 # $OUT (default /tmp/pyseqpack-gpu); `bench` writes its report folder there too (copy it to bench/results/
 # and commit it: it records the device, versions, date and command).
+#
+# A session has 30 device minutes and a call at most 10: one call per line below, in this order of value
+# (each device `run` with carry=[".whl"], command `OUT=$OUT bash bench/gpu_session.sh ...`):
+#   tests
+#   bench --suite ce --quick --label "H100 80GB HBM3" -- -k N16384      (the issue's CE goals, V = 32000..151936)
+#   bench --suite collate --quick --label "H100 80GB HBM3"               (flat-buffer goal; CPU rows time the host)
+#   sanitize
+# torch.compile compiles once per shape (tens of seconds each): the full CE grid does not fit one call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
