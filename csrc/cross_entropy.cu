@@ -49,9 +49,10 @@
 //   .. 151936, C = 8 for bf16 V = 256000 and fp32 V = 128256 .. 151936; fp32 V = 256000 (1 MB rows) does
 //   not fit even C = 8 and stays on ce_row_kernel. The cluster path is taken only when cluster_mode == 1,
 //   a gradient is asked for, grad rows are aligned like the logits rows (vector path), the row does not fit
-//   ce_row_kernel's cache, and the device launches clusters (cudaDevAttrClusterLaunch; not sm_80). It is
-//   opt-in (pyseqpack.cross_entropy_cuda.USE_CLUSTERS, env PYSEQPACK_CE_CLUSTERS=1) until a GPU run has
-//   validated it: it was written and compiled without a GPU to run it on.
+//   ce_row_kernel's cache, and the device launches clusters (cudaDevAttrClusterLaunch; not sm_80) with the
+//   kernel built from sm_90+ code (see init_clusters). It is opt-in (pyseqpack.cross_entropy_cuda.USE_CLUSTERS,
+//   env PYSEQPACK_CE_CLUSTERS=1) until a GPU run has validated it: it was written and compiled without a GPU
+//   to run it on.
 //
 // Vector accesses are 16 bytes (8 bf16/fp16, 4 fp32). A row whose start is not 16-byte aligned (any row
 // stride is allowed) is split into a scalar head up to the first 16-byte boundary, aligned vectors, and a
@@ -621,7 +622,8 @@ __global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const C
     g_row[j] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[j]), j));
   }
 #else
-  // Clusters need sm_90; the host never launches this kernel on a device without cluster launch.
+  // Clusters need sm_90; the host never launches this body (init_clusters checks the device and the PTX
+  // architecture the loaded kernel was built from).
   __trap();
 #endif
 }
@@ -801,6 +803,12 @@ cudaError_t init_clusters(int dev, ClusterState& s) {
       const void* fn = cluster_kernel(dtype, acc != 0);
       cudaFuncAttributes attr;
       PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
+      // A build without sm_90 code (PYSEQPACK_CUDA_ARCH without 90) runs this kernel JIT-compiled from older
+      // PTX, whose body is the __trap() stub: a launch would abort the CUDA context, so clusters stay off.
+      if (attr.ptxVersion < 90) {
+        s.available = false;
+        return cudaSuccess;
+      }
       const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
       // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
       const int64_t budget = std::min<int64_t>(optin - static_smem, per_sm / 2 - reserved - static_smem);
