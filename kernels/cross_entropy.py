@@ -127,8 +127,11 @@ def _ce_fwd_bwd_kernel(
             blk_arg = tl.min(tl.where(x == blk_max, cols, V), axis=0)
             arg = tl.where(blk_max > m, blk_arg, arg)  # strictly greater: an earlier chunk keeps a tie
         m_new = tl.maximum(m, blk_max)
-        # rescale the old sum to the new max; exp2(-inf) = 0 handles the first chunk
-        s = s * tl.exp2((m - m_new) * _LOG2E) + tl.sum(tl.exp2((x - m_new) * _LOG2E), axis=0)
+        # rescale the old sum to the new max. While every x so far is -inf, m_new is -inf too and x - m_new
+        # would be NaN: the offset 0 then gives exp2(-inf) = 0 for every term (s stays 0, and lse = -inf for an
+        # all -inf row), and the first finite max rescales s = 0 harmlessly.
+        off = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp2((m - off) * _LOG2E) + tl.sum(tl.exp2((x - off) * _LOG2E), axis=0)
         m = m_new
         if HAS_SMOOTHING:
             sum_x += tl.sum(tl.where(mask, x, 0.0), axis=0)

@@ -147,6 +147,10 @@ def torch_fwd_bwd(
         # lse = x_j - log p_j for any j; at the argmax p_j >= 1 / V, so the log is exact even where the row holds
         # -inf or tiny probabilities (nll = lse - x_y never takes the log of an underflowed p_y)
         lse_c = x_arg - torch.log(p.gather(1, arg[:, None])[:, 0])
+        # A row of -inf only has a NaN softmax: its lse is -inf (as the kernels give), and an ignored one gets
+        # exact zeros below (a valid one stays NaN, as in torch). Rows with any finite logit are untouched.
+        dead = x_arg == float("-inf")
+        lse_c = torch.where(dead, x_arg, lse_c)
         nll = lse_c - x_y
         if w is None:
             row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - mean_x)
@@ -167,7 +171,9 @@ def torch_fwd_bwd(
         scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
         a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
         hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
-        coef = (a * scale)[:, None]
+        coef = torch.where(valid, a * grad_scale, 0.0)[:, None]  # not a * scale: a is NaN on a row of -inf
+        if logits.device.type != "cpu" or bool(dead.any()):  # on CPU the check is free; elsewhere no sync
+            p.masked_fill_((dead & ~valid)[:, None], 0.0)
         g = p.mul_(coef)
         if eps != 0:
             g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
