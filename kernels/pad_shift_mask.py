@@ -29,11 +29,11 @@ tl APIs (Triton 3.6 .. 3.9).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from .. import _native
 
 # Largest column block; a block covers a whole row when L <= this.
 MAX_BLOCK = 1024
@@ -264,7 +264,7 @@ def launch(args) -> None:
         return any_tensor if t is None else t
 
     grid = (B, triton.cdiv(width, block))
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    with _native.device_guard(device):
         _pad_shift_mask_kernel[grid](
             args.offsets, args.tokens, n_tok, ptr(args.loss_masks),
             ptr(args.labels), ptr(args.label_offsets), n_lab,

@@ -10,6 +10,7 @@ for by name. ``backend="auto"`` silently falls back to the next backend instead.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
@@ -100,6 +101,16 @@ def cuda_library():
 
 def cuda_built() -> bool:
     return _load_cuda()[0] is not None
+
+
+def device_guard(device):
+    """The context a launch on `device` runs in: `torch.cuda.device(device)` when it is a CUDA device other than
+    the current one, else nothing (the usual case costs no device switch, two driver calls each way)."""
+    import torch
+
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def triton_interpret() -> bool:

@@ -122,7 +122,7 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
         _require_vector("grad_scale", grad_scale, 1, (torch.float32,), device)
         grad_ptr, grad_stride, scale_ptr = grad.data_ptr(), grad.stride(0), grad_scale.data_ptr()
     lib = _lib()
-    with torch.cuda.device(device):
+    with _native.device_guard(device):
         rc = lib.pyseqpack_ce_fwd_bwd(
             logits.data_ptr(), code, n, v, logits.stride(0),
             labels.data_ptr(), int(labels.dtype == torch.int32),
@@ -149,7 +149,7 @@ def scale_grad_(grad, grad_output):
     per_row = grad_output.numel() != 1
     _require_vector("grad_output", grad_output, grad_output.numel(), (torch.float32,), device)
     lib = _lib()
-    with torch.cuda.device(device):
+    with _native.device_guard(device):
         rc = lib.pyseqpack_ce_scale_grad(
             grad.data_ptr(), code, n, v, grad.stride(0), grad_output.data_ptr(), int(per_row),
             torch.cuda.current_stream(device).cuda_stream,

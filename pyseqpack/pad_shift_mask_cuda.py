@@ -253,10 +253,6 @@ def launch(args, check: bool = True) -> None:
     else:
         c_args = _c_arguments(args)
     lib = _lib()
-    stream = torch.cuda.current_stream(device).cuda_stream
-    if device.index == torch.cuda.current_device():  # the usual case: no device switch (two driver calls) needed
-        rc = lib.pyseqpack_psm_fill(*c_args, stream)
-    else:
-        with torch.cuda.device(device):
-            rc = lib.pyseqpack_psm_fill(*c_args, stream)
+    with _native.device_guard(device):
+        rc = lib.pyseqpack_psm_fill(*c_args, torch.cuda.current_stream(device).cuda_stream)
     _check_return(rc)
