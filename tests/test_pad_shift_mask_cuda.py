@@ -7,7 +7,7 @@ arguments (flat buffers and their offsets; the kernel plans every row itself), w
 untrusted offsets and prompt lengths. Tests that need a CUDA device are skipped without one; the rest run
 everywhere: the library exports the entry point, the C entry point refuses bad arguments before any CUDA call,
 the launcher rejects every malformed DeviceLaunch field with a ValueError naming it, and its unchecked hot path
-builds the C arguments the checked path does.
+builds the C arguments in the order of the C signature.
 
 The op grid, and why: padding side x truncation (none / right / left) x labels (none / derived with prompt
 lengths and loss masks / separate labels) x output dtype x input form. The forms reach each buffer type the
@@ -519,17 +519,12 @@ def test_launcher_checks_labels_and_devices():
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2])
-def test_unchecked_arguments_are_the_checked_ones(kind):
-    # launch(check=False), the op's hot path, skips the checks but must hand the C entry point what the checked
-    # path does: compared with each other, and with the C signature's arguments written out by name.
+def test_unchecked_arguments_follow_the_c_signature(kind):
+    # launch(check=False), the op's hot path, skips the checks (launch(check=True) checks, then builds the same
+    # list): the arguments it hands the C entry point, against the C signature's arguments written out by name.
     launcher = _cuda_launcher()
     args = _valid_cpu_args(kind)
-
-    def values(c_args):
-        return [tuple(v) if isinstance(v, ctypes.Array) else v for v in c_args]
-
-    checked, unchecked = values(launcher._arguments(args)), values(launcher._c_arguments(args))
-    assert checked == unchecked
+    unchecked = [tuple(v) if isinstance(v, ctypes.Array) else v for v in launcher._c_arguments(args)]
 
     def ptr(t):
         return None if t is None else t.data_ptr()
