@@ -112,8 +112,8 @@ def torch_fwd_bwd(
     ``grad is logits`` is safe. Full passes per chunk: the fp32 upcast (bf16 / fp16 logits), argmax, softmax
     (torch's fused kernel, written straight into an fp32 gradient), one scale in place, and the conversion
     into a bf16 / fp16 gradient; the rest are per-row gathers. (Writing bf16 straight from fp32 operands with
-    torch.mul(..., out=) is slower on CPU than the in-place scale plus one copy.) Few large ops rather than many small ones: each op on CPU is a parallel region, whose
-    start-up dominates small chunks on a busy machine.
+    torch.mul(..., out=) is slower on CPU than the in-place scale plus one copy.) Few large ops rather than many
+    small ones: each op on CPU is a parallel region, whose start-up dominates small chunks on a busy machine.
     """
     n, v = logits.shape
     eps, z = float(label_smoothing), float(z_loss)
@@ -143,7 +143,8 @@ def torch_fwd_bwd(
         x_y = x.gather(1, y0[:, None])[:, 0]
         mean_x = x.mean(-1) if eps != 0 and w is None else None
         x_w = x @ w if w is not None and eps != 0 else None
-        p = torch.softmax(x, dim=-1, out=out) if out is not None and out.dtype == torch.float32 else torch.softmax(x, -1)
+        fp32_out = out is not None and out.dtype == torch.float32
+        p = torch.softmax(x, dim=-1, out=out) if fp32_out else torch.softmax(x, dim=-1)
         # lse = x_j - log p_j for any j; at the argmax p_j >= 1 / V, so the log is exact even where the row holds
         # -inf or tiny probabilities (nll = lse - x_y never takes the log of an underflowed p_y)
         lse_c = x_arg - torch.log(p.gather(1, arg[:, None])[:, 0])

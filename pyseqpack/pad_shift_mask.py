@@ -85,11 +85,11 @@ detected, and ``pad_token_id``), so the op is one kernel launch plus the output 
 
 Backends. "torch" is the plain reference (and the fallback). "cpu" reads Python lists / buffers in C++ in one pass,
 writing each output once (O(B) Python work). "triton" and "cuda" launch one kernel for all outputs, from a flat
-token buffer and its offsets; every native kernel plans each example with plan_row of csrc/pad_shift_mask.h. "auto": "cpu" for CPU outputs when pyseqpack._C is built,
-else "torch"; on CUDA "cuda" when pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch"
-(a Triton compile or launch failure under "auto" warns once and falls back to "torch"). A backend asked for by
-name that cannot run raises pyseqpack.BackendUnavailable saying why. Every argument is validated before anything
-is launched.
+token buffer and its offsets; every native kernel plans each example with plan_row of csrc/pad_shift_mask.h.
+"auto": "cpu" for CPU outputs when pyseqpack._C is built, else "torch"; on CUDA "cuda" when
+pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch" (a Triton compile or launch failure
+under "auto" warns once and falls back to "torch"). A backend asked for by name that cannot run raises
+pyseqpack.BackendUnavailable saying why. Every argument is validated before anything is launched.
 """
 from __future__ import annotations
 
@@ -775,6 +775,7 @@ def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts:
         pads = _to_device(torch.tensor([pad for _, pad in extras.values()], dtype=torch.int64), device)
     given = kind == LABELS_GIVEN
     max_length, trunc_left, pad_left = opts.layout
+    pad, label_pad, decoder_start, _ = opts.fills
     return DeviceLaunch(
         tokens=field(src, kept, False), offsets=offsets(src, kept),
         loss_masks=field(masks, kept, True) if masks is not None else None,
@@ -782,8 +783,8 @@ def _device_launch(widths: _Widths, src, kind, lab, prompt, masks, extras, opts:
         label_offsets=offsets(lab, lab_kept) if given else None,
         prompt_lengths=_aligned(_to_device(prompt, device)) if prompt is not None else None,
         extras=extras_t, extra_pads=pads, outputs=outputs, L=widths.L, Ll=widths.Ll, max_length=max_length,
-        truncate_left=trunc_left, pad_left=pad_left, labels_kind=kind, pad_token_id=opts.pad_token_id or 0,
-        label_pad_token_id=opts.label_pad_token_id or 0, decoder_start_token_id=opts.decoder_start_token_id or 0)
+        truncate_left=trunc_left, pad_left=pad_left, labels_kind=kind, pad_token_id=pad,
+        label_pad_token_id=label_pad, decoder_start_token_id=decoder_start)
 
 
 def _run_device(backend: str, args: DeviceLaunch) -> None:
