@@ -50,6 +50,14 @@ def assert_same_params(ref, model, step):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m: f"after step {step}, {name}: {m}")
 
 
+def step_both(opt_ref, opt, ref, model, step):
+    """One optimizer step on each side, then the parameters must still agree."""
+    for o in (opt_ref, opt):
+        o.step()
+        o.zero_grad()
+    assert_same_params(ref, model, step)
+
+
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_causal_lm_sft_prompt_masked(data, micro_batches):
     """Llama SFT, prompt masked. With 2 micro-batches per step the loss uses transformers' num_items_in_batch
@@ -91,11 +99,7 @@ def test_causal_lm_sft_prompt_masked(data, micro_batches):
         assert got_total == total == num_items
         assert abs(got_correct - correct) <= 1, f"step {step}: {got_correct} vs {correct} correct of {total}"
         accuracy.reset()
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
-        assert_same_params(ref, model, step)
+        step_both(opt_ref, opt, ref, model, step)
 
 
 def test_seq2seq_with_decoder_input_ids(data):
@@ -127,8 +131,4 @@ def test_seq2seq_with_decoder_input_ids(data):
         assert got_total == total
         assert abs(got_correct - correct) <= 1
         accuracy.reset()
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
-        assert_same_params(ref, model, step)
+        step_both(opt_ref, opt, ref, model, step)
