@@ -21,7 +21,7 @@ static PyObject* hardware_threads(PyObject*, PyObject*) {
 static PyMethodDef kMethods[] = {
     {"hardware_threads", hardware_threads, METH_NOARGS, "std::thread::hardware_concurrency()"},
     {"psm_row_lengths", PSM_FASTCALL(psm_row_lengths),
-     "psm_row_lengths(rows, name) -> bytes of int64 row lengths (pad_shift_mask)"},
+     "psm_row_lengths(rows, name) -> (row lengths, other, longest, shortest, opened rows) (pad_shift_mask)"},
     {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},
     {"psm_gather", PSM_FASTCALL(psm_gather), "psm_gather(...): packs kept values of host rows into one buffer"},
     {nullptr, nullptr, 0, nullptr},

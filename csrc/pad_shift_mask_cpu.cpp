@@ -207,10 +207,33 @@ bool open_field(PyObject* obj, Field& f, int64_t B, bool flat) {
     return false;
   }
   f.rows.resize(static_cast<size_t>(B));
+  f.views.reserve(static_cast<size_t>(B));
   bool ok = true;
   for (int64_t b = 0; b < B && ok; ++b) ok = open_source(PySequence_Fast_GET_ITEM(seq, b), f, b, &f.rows[b]);
   Py_DECREF(seq);
   return ok;
+}
+
+// psm_row_lengths hands the rows it opened back to Python in a capsule of this name, holding a heap Field (its
+// buffers stay acquired, its lists referenced); psm_fill and psm_gather take that capsule in place of the rows,
+// so a batch of numpy rows asks numpy for each buffer once (about 50 ns per row and field) instead of twice.
+constexpr const char* kOpenedRows = "pyseqpack._C.opened_rows";
+
+// The field to read: the capsule's (rows already opened, its name set when measured), or `obj` opened into
+// `own` as field `name` (flat when `bases`, its offsets, is not null). nullptr with a Python error set.
+Field* use_field(PyObject* obj, const char* name, const int64_t* bases, int64_t B, Field& own) {
+  if (PyCapsule_IsValid(obj, kOpenedRows)) {
+    auto* f = static_cast<Field*>(PyCapsule_GetPointer(obj, kOpenedRows));
+    if (bases != nullptr || static_cast<int64_t>(f->rows.size()) != B) {
+      PyErr_Format(PyExc_ValueError, "pyseqpack._C: %s: opened rows need no offsets and must number %lld", name,
+                   static_cast<long long>(B));
+      return nullptr;
+    }
+    return f;
+  }
+  own.name = name;
+  own.bases = bases;
+  return open_field(obj, own, B, bases != nullptr) ? &own : nullptr;
 }
 
 // ---- reading one example's kept values into int64 --------------------------------------------------------
@@ -494,8 +517,11 @@ struct Problem {
   psm::Layout layout{};  // L, Ll and the planning options
   int32_t kind = psm::kNoLabels;
   const int64_t* prompt = nullptr;  // prompt lengths [B], or nullptr
-  Field tok, lab, mask;
-  std::vector<Field> extras;
+  // The fields: opened by psm_fill into the *_own storage, or the ones psm_row_lengths opened (capsules).
+  Field tok_own, lab_own, mask_own;
+  std::vector<Field> extras_own;
+  Field *tok = &tok_own, *lab = &lab_own, *mask = &mask_own;
+  std::vector<Field*> extras;
   std::vector<int64_t> extra_pads;
   void* out[kNumOut] = {};
   std::vector<void*> extra_out;
@@ -504,9 +530,9 @@ struct Problem {
   bool has_mask = false;
 
   bool needs_gil() const {
-    if (tok.has_seq || lab.has_seq || mask.has_seq) return true;
-    for (const auto& e : extras)
-      if (e.has_seq) return true;
+    if (tok->has_seq || lab->has_seq || mask->has_seq) return true;
+    for (const Field* e : extras)
+      if (e->has_seq) return true;
     return false;
   }
 
@@ -515,8 +541,8 @@ struct Problem {
   bool row(int64_t b, Scratch& s, Failure* fl) const {
     const int64_t L = layout.L, Ll = layout.Ll;
     int64_t tok_start, tok_end, lab_start = 0, lab_end = 0;
-    bounds(tok, b, &tok_start, &tok_end);
-    if (kind == psm::kGivenLabels) bounds(lab, b, &lab_start, &lab_end);
+    bounds(*tok, b, &tok_start, &tok_end);
+    if (kind == psm::kGivenLabels) bounds(*lab, b, &lab_start, &lab_end);
     if (static_cast<int64_t>(s.label_row.size()) < Ll) s.label_row.resize(static_cast<size_t>(Ll));
     RowJob job{psm::plan_row(tok_start, tok_end, lab_start, lab_end, kind, prompt != nullptr,
                              prompt != nullptr ? prompt[b] : 0, layout),
@@ -524,12 +550,12 @@ struct Problem {
     const psm::Row& r = job.r;
     // Python measured the widths from the same lengths: a longer row means the example changed meanwhile. From
     // here on 0 <= kept <= width, which the column segments of write_outputs rely on.
-    if (r.tok_kept > L) return fail(fl, Fault::kChanged, tok, b, 0, 0);
-    if (r.lab_kept > Ll) return fail(fl, Fault::kChanged, lab, b, 0, 0);
-    if (!stage(tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
-    if (kind == psm::kDerivedLabels && has_mask && !stage(mask, b, r.tok_src, r.tok_kept, s.mask, &job.mask, fl))
+    if (r.tok_kept > L) return fail(fl, Fault::kChanged, *tok, b, 0, 0);
+    if (r.lab_kept > Ll) return fail(fl, Fault::kChanged, *lab, b, 0, 0);
+    if (!stage(*tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
+    if (kind == psm::kDerivedLabels && has_mask && !stage(*mask, b, r.tok_src, r.tok_kept, s.mask, &job.mask, fl))
       return false;
-    if (kind == psm::kGivenLabels && !stage(lab, b, r.lab_src, r.lab_kept, s.lab, &job.lab, fl)) return false;
+    if (kind == psm::kGivenLabels && !stage(*lab, b, r.lab_src, r.lab_kept, s.lab, &job.lab, fl)) return false;
     for (int i = 0; i < kNumOut; ++i) {
       const int64_t width = (i == kLabels || i == kShift || i == kDecoder) ? Ll : L;
       job.out[i] = out[i] ? static_cast<char*>(out[i]) + b * width * itemsize : nullptr;
@@ -537,7 +563,7 @@ struct Problem {
     (itemsize == 4 ? write_outputs_i32 : write_outputs_i64)(job);
     for (size_t e = 0; e < extras.size(); ++e) {
       const int64_t* x = nullptr;
-      if (!stage(extras[e], b, r.tok_src, r.tok_kept, s.extra, &x, fl)) return false;
+      if (!stage(*extras[e], b, r.tok_src, r.tok_kept, s.extra, &x, fl)) return false;
       void* o = static_cast<char*>(extra_out[e]) + b * L * itemsize;
       (itemsize == 4 ? write_extra_i32 : write_extra_i64)(r, x, extra_pads[e], L, o);
     }
@@ -621,34 +647,38 @@ int64_t choose_threads(int64_t requested, int64_t B, int64_t work) {
 
 // ---- Python entry points ----------------------------------------------------------------------------------------
 
-// psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool, longest, shortest). Checks that
-// every row is a list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`); reads no
-// element. `other` is True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which Python
-// converts first). longest / shortest: the extreme lengths (0 for an empty batch).
+// psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool, longest, shortest, opened).
+// Checks that every row is a list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`);
+// reads no element. `other` is True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which
+// Python converts first); otherwise `opened` is a capsule holding the opened rows, which psm_fill and
+// psm_gather take in place of `rows` (None when `other`). longest / shortest: the extreme lengths (0 for an
+// empty batch).
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !PyUnicode_Check(args[1])) {
     PyErr_SetString(PyExc_TypeError, "psm_row_lengths(rows, name: str)");
     return nullptr;
   }
-  Field f;
-  f.name = PyUnicode_AsUTF8(args[1]);
   PyObject* seq = PySequence_Fast(args[0], "psm_row_lengths: expected a sequence of rows");
   if (seq == nullptr) return nullptr;
   const Py_ssize_t B = PySequence_Fast_GET_SIZE(seq);
   PyObject* out = PyBytes_FromStringAndSize(nullptr, B * static_cast<Py_ssize_t>(sizeof(int64_t)));
-  if (out == nullptr) {
+  auto* f = new Field;  // owned by the capsule below, or deleted
+  f->name = PyUnicode_AsUTF8(args[1]);
+  f->rows.resize(static_cast<size_t>(B));
+  f->views.reserve(static_cast<size_t>(B));
+  auto fail_out = [&]() -> PyObject* {
     Py_DECREF(seq);
+    Py_XDECREF(out);
+    delete f;
     return nullptr;
-  }
+  };
+  if (out == nullptr) return fail_out();
   auto* lens = reinterpret_cast<int64_t*>(PyBytes_AS_STRING(out));
   bool other = false;
   for (Py_ssize_t b = 0; b < B; ++b) {
     PyObject* row = PySequence_Fast_GET_ITEM(seq, b);
-    if (PyList_Check(row) || PyTuple_Check(row)) {
-      lens[b] = PySequence_Fast_GET_SIZE(row);
-      continue;
-    }
-    if (!PyObject_CheckBuffer(row) && !PyUnicode_Check(row) && !PyDict_Check(row)) {
+    if (!PyList_Check(row) && !PyTuple_Check(row) && !PyObject_CheckBuffer(row) && !PyUnicode_Check(row) &&
+        !PyDict_Check(row)) {
       const Py_ssize_t n = PyObject_Length(row);
       if (n >= 0) {
         lens[b] = n;
@@ -657,15 +687,8 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       }
       PyErr_Clear();
     }
-    RowSource src;
-    const bool ok = open_source(row, f, b, &src);
-    Py_XDECREF(src.seq);
-    if (!ok) {
-      Py_DECREF(seq);
-      Py_DECREF(out);
-      return nullptr;
-    }
-    lens[b] = src.len;
+    if (!open_source(row, *f, b, &f->rows[static_cast<size_t>(b)])) return fail_out();
+    lens[b] = f->rows[static_cast<size_t>(b)].len;
   }
   Py_DECREF(seq);
   int64_t longest = 0, shortest = 0;
@@ -676,8 +699,22 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       shortest = std::min(shortest, lens[b]);
     }
   }
-  return Py_BuildValue("(NOLL)", out, other ? Py_True : Py_False, static_cast<long long>(longest),
-                       static_cast<long long>(shortest));
+  PyObject* opened = Py_None;
+  if (other) {
+    delete f;
+    Py_INCREF(Py_None);
+  } else {
+    opened = PyCapsule_New(f, kOpenedRows, [](PyObject* c) {
+      delete static_cast<Field*>(PyCapsule_GetPointer(c, kOpenedRows));
+    });
+    if (opened == nullptr) {
+      delete f;
+      Py_DECREF(out);
+      return nullptr;
+    }
+  }
+  return Py_BuildValue("(NOLLN)", out, other ? Py_True : Py_False, static_cast<long long>(longest),
+                       static_cast<long long>(shortest), opened);
 }
 
 // psm_fill(B, L, Ll, max_length, trunc_left, pad_left, tokens, tok_offsets, labels_kind, labels, lab_offsets,
@@ -729,22 +766,16 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   p.prompt = prompt.data;
   const int64_t* tok_bases = tok_offsets.data;
   const int64_t* lab_bases = lab_offsets.data;
-  p.tok.name = "input_ids";
-  p.tok.bases = tok_bases;
-  set_range(p.tok, itemsize, false);
-  if (!open_field(args[6], p.tok, B, tok_bases != nullptr)) return nullptr;
+  if (!(p.tok = use_field(args[6], "input_ids", tok_bases, B, p.tok_own))) return nullptr;
+  set_range(*p.tok, itemsize, false);
   if (p.kind == psm::kGivenLabels) {
-    p.lab.name = "labels";
-    p.lab.bases = lab_bases;
-    set_range(p.lab, itemsize, false);
-    if (!open_field(args[9], p.lab, B, lab_bases != nullptr)) return nullptr;
+    if (!(p.lab = use_field(args[9], "labels", lab_bases, B, p.lab_own))) return nullptr;
+    set_range(*p.lab, itemsize, false);
   }
   if (args[12] != Py_None) {
     p.has_mask = true;
-    p.mask.name = "loss_masks";
-    p.mask.bases = tok_bases;
-    set_range(p.mask, itemsize, true);
-    if (!open_field(args[12], p.mask, B, tok_bases != nullptr)) return nullptr;
+    if (!(p.mask = use_field(args[12], "loss_masks", tok_bases, B, p.mask_own))) return nullptr;
+    set_range(*p.mask, itemsize, true);
   }
   if (!PyTuple_Check(args[13]) || !PyTuple_Check(args[14]) || !PyTuple_Check(args[15]) ||
       PyTuple_GET_SIZE(args[14]) != kNumOut || PyTuple_GET_SIZE(args[15]) != PyTuple_GET_SIZE(args[13])) {
@@ -752,7 +783,8 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   const Py_ssize_t E = PyTuple_GET_SIZE(args[13]);
-  p.extras = std::vector<Field>(static_cast<size_t>(E));
+  p.extras_own = std::vector<Field>(static_cast<size_t>(E));
+  p.extras.resize(static_cast<size_t>(E));
   p.extra_pads.resize(static_cast<size_t>(E));
   p.extra_out.resize(static_cast<size_t>(E));
   for (Py_ssize_t e = 0; e < E; ++e) {
@@ -761,13 +793,11 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: each extra must be (name, values, pad)");
       return nullptr;
     }
-    Field& f = p.extras[e];
-    f.name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
-    f.bases = tok_bases;
-    set_range(f, itemsize, false);
     if (!as_i64(PyTuple_GET_ITEM(item, 2), "extra pad", &p.extra_pads[e]) ||
-        !open_field(PyTuple_GET_ITEM(item, 1), f, B, tok_bases != nullptr))
+        !(p.extras[e] = use_field(PyTuple_GET_ITEM(item, 1), PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0)), tok_bases,
+                                  B, p.extras_own[e])))
       return nullptr;
+    set_range(*p.extras[e], itemsize, false);
     p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(args[15], e), "extra_outs", &ok);
   }
   for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(args[14], i), "outs", &ok);
@@ -827,11 +857,11 @@ PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   lay.trunc_left = trunc_left != 0;
   Int64View bases_view;
   if (!bases_view.open(args[3], "offsets", B + 1, true)) return nullptr;
-  Field f;
-  f.name = PyUnicode_AsUTF8(args[1]);
-  f.bases = bases_view.data;
+  Field own;
+  Field* opened = use_field(args[0], PyUnicode_AsUTF8(args[1]), bases_view.data, B, own);
+  if (opened == nullptr) return nullptr;
+  Field& f = *opened;
   set_range(f, itemsize, is_mask != 0);
-  if (!open_field(args[0], f, B, f.bases != nullptr)) return nullptr;
   std::vector<int64_t> scratch;
   Failure fl;
   int64_t pos = 0;

@@ -126,16 +126,37 @@ _INT32 = (-(2**31), 2**31 - 1)
 # Inputs, normalized
 # ---------------------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
 class _Seqs:
-    """One ragged field, in one of two forms: `rows` (one host object per example) or `flat` + `offsets`."""
+    """One ragged field, in one of two forms: `rows` (one host object per example) or `flat` + `offsets`.
 
-    name: str
-    rows: Optional[list] = None  # lists / tuples / 1-D arrays, one per example (host)
-    flat: Any = None  # 1-D numpy array or tensor, every example back to back
-    offsets: Any = None  # flat: int64 [B+1], a numpy array (host) or a tensor on the device of `flat`
-    lengths: Any = None  # int64 [B] numpy; None while the offsets live on the device
-    extent: Optional[tuple] = None  # (longest, shortest) of lengths when already known (rows measured in C++)
+    rows     lists / tuples / 1-D arrays, one per example (host)
+    flat     1-D numpy array or tensor, every example back to back
+    offsets  flat: int64 [B+1], a numpy array (host) or a tensor on the device of `flat`
+    lengths  int64 [B] numpy; None while the offsets live on the device. Rows measured in C++ keep the bytes it
+             returned until something reads `lengths` (the common call only needs `extent`).
+    extent   (longest, shortest) of the lengths when already known (rows measured in C++)
+    opened   rows measured in C++: its capsule of the opened rows (buffers acquired once), which the C++ kernels
+             read in place of `rows`
+    A plain class with slots: built twice per call on the collation hot path.
+    """
+
+    __slots__ = ("name", "rows", "flat", "offsets", "_lengths", "extent", "opened")
+
+    def __init__(self, name: str, rows=None, flat=None, offsets=None, lengths=None, extent=None, opened=None):
+        self.name, self.rows, self.flat, self.offsets, self._lengths, self.extent, self.opened = (
+            name, rows, flat, offsets, lengths, extent, opened)
+
+    def replace(self, **changes) -> "_Seqs":
+        fields = dict(name=self.name, rows=self.rows, flat=self.flat, offsets=self.offsets, lengths=self._lengths,
+                      extent=self.extent, opened=self.opened)
+        fields.update(changes)
+        return _Seqs(**fields)
+
+    @property
+    def lengths(self):
+        if isinstance(self._lengths, bytes):
+            self._lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        return self._lengths
 
     @property
     def B(self) -> int:
@@ -163,7 +184,7 @@ class _Seqs:
         if self.rows is not None or (self.on_host and self.host_offsets()):
             return self
         off = self.offsets.cpu().numpy() if isinstance(self.offsets, torch.Tensor) else self.offsets
-        return dataclasses.replace(self, flat=self.flat.cpu(), offsets=off, lengths=np.diff(off))
+        return self.replace(flat=self.flat.cpu(), offsets=off, lengths=np.diff(off))
 
 
 def _is_int_dtype(x) -> bool:
@@ -200,19 +221,19 @@ def _host_copy_offsets(seqs: Optional[_Seqs], like: Optional[_Seqs] = None) -> O
     if seqs is None or seqs.host_offsets():
         return seqs
     if like is not None:
-        return dataclasses.replace(seqs, offsets=like.offsets, lengths=like.lengths)
+        return seqs.replace(offsets=like.offsets, lengths=like.lengths)
     off = _host_offsets(seqs.offsets, "offsets" if seqs.name == "input_ids" else "label_offsets",
                         int(seqs.flat.shape[0]), seqs.name)
-    return dataclasses.replace(seqs, offsets=off, lengths=np.diff(off))
+    return seqs.replace(offsets=off, lengths=np.diff(off))
 
 
 def _row_lengths(rows, name: str):
-    """(len() of each example, whether some example is neither a list/tuple nor a buffer, e.g. a tensor,
-    (longest, shortest)), checking that each is a sequence; C++ when built, so list and numpy batches cost no
-    per-row Python."""
+    """(len() of each example: int64 numpy, or the bytes of one from C++; whether some example is neither a
+    list/tuple nor a buffer, e.g. a tensor; (longest, shortest); the opened rows or None), checking that each is
+    a sequence. C++ when built, so list and numpy batches cost no per-row Python."""
     if _native.cpu_available():
-        lengths, other, longest, shortest = _native.cpu_module().psm_row_lengths(rows, name)
-        return np.frombuffer(lengths, dtype=np.int64), other, (longest, shortest)
+        lengths, other, longest, shortest, opened = _native.cpu_module().psm_row_lengths(rows, name)
+        return lengths, other, (longest, shortest), opened
     out = np.empty(len(rows), dtype=np.int64)
     for b, r in enumerate(rows):
         if isinstance(r, np.ndarray) and r.ndim != 1:
@@ -220,7 +241,7 @@ def _row_lengths(rows, name: str):
         if isinstance(r, (str, dict)) or not hasattr(r, "__len__"):
             raise TypeError(f"{name}[{b}]: expected a sequence of ints (list, tuple, 1-D integer array), got {type(r).__name__}")
         out[b] = len(r)
-    return out, True, (int(out.max()), int(out.min()))
+    return out, True, (int(out.max()), int(out.min())), None
 
 
 def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
@@ -255,9 +276,11 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
                         f"{offsets_name}; got {type(value).__name__}")
     if len(value) == 0:
         raise ValueError(f"{name}: the batch is empty (B = 0)")
-    lengths, other, extent = _row_lengths(value, name)
+    lengths, other, extent, opened = _row_lengths(value, name)
     if not other:
-        return _Seqs(name, rows=value, lengths=lengths, extent=extent)
+        return _Seqs(name, rows=value, lengths=lengths, extent=extent, opened=opened)
+    if isinstance(lengths, bytes):
+        lengths = np.frombuffer(lengths, dtype=np.int64)
     rows = list(value)
     tensor_rows = [b for b, r in enumerate(rows) if isinstance(r, torch.Tensor)]
     devices = {rows[b].device for b in tensor_rows}
@@ -536,8 +559,10 @@ def _ref_pad(x: torch.Tensor, length: int, value, side: str) -> torch.Tensor:
 
 
 def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optional[_Seqs], extras, opts: _Options,
-               want: dict) -> dict:
-    """backend="torch": every output built row by row from the definitions, on the CPU, in int64."""
+               want: tuple) -> dict:
+    """backend="torch": every output built row by row from the definitions, on the CPU, in int64 (`want`: the
+    requested outputs, from _wanted)."""
+    want = {key for key, _ in want}
     vr = opts.value_range
     side = opts.padding_side
     B = src.B
@@ -558,7 +583,7 @@ def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optio
 
     out = {"input_ids": stack(rows, L, opts.pad_token_id)}
     attention = stack([torch.ones_like(t) for t in rows], L, 0)
-    if want["attention_mask"]:
+    if "attention_mask" in want:
         out["attention_mask"] = attention
 
     if kind == LABELS_DERIVED:
@@ -581,19 +606,19 @@ def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optio
         labels = stack(per_row, opts.padded_length(max(len(t) for t in per_row)), opts.label_pad_token_id)
     if kind != LABELS_NONE:
         out["labels"] = labels
-        if want["decoder_input_ids"]:
+        if "decoder_input_ids" in want:
             # transformers' shift_tokens_right (T5, BART, ...) on the padded labels
             dec = torch.zeros_like(labels)
             dec[:, 1:] = labels[:, :-1]
             dec[:, :1] = opts.decoder_start_token_id
             out["decoder_input_ids"] = dec.masked_fill(dec == -100, opts.pad_token_id)
-        if want["shift_labels"]:
+        if "shift_labels" in want:
             shifted = torch.full_like(labels, opts.label_pad_token_id)
             shifted[:, :-1] = labels[:, 1:]
             out["shift_labels"] = shifted
-    if want["position_ids"]:
+    if "position_ids" in want:
         out["position_ids"] = torch.clamp(torch.cumsum(attention, dim=1) - 1, min=0)
-    if want["loss_mask"]:
+    if "loss_mask" in want:
         per_row = []
         for b, ((s, e), t) in enumerate(zip(windows, rows)):
             m = torch.ones_like(t)
@@ -614,9 +639,10 @@ def _reference(src: _Seqs, kind: int, lab: Optional[_Seqs], prompt, masks: Optio
 # ---------------------------------------------------------------------------------------------------------------
 
 def _cpu_source(seqs: _Seqs):
-    """(object C++ reads, int64 offsets or None): rows as they are, or a flat buffer and its offsets."""
+    """(object C++ reads, int64 offsets or None): the rows (opened when measured in C++), or a flat buffer and its
+    offsets."""
     if seqs.rows is not None:
-        return seqs.rows, None
+        return seqs.rows if seqs.opened is None else seqs.opened, None
     flat = seqs.flat.detach().numpy() if isinstance(seqs.flat, torch.Tensor) else seqs.flat
     return flat, seqs.offsets
 
@@ -830,11 +856,79 @@ def _select_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _resolve_device(device, src: _Seqs) -> torch.device:
-    dev = src.device if device is None else torch.device(device)
+def _resolve_device(device) -> torch.device:
+    dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def _labels_field(labels, label_offsets, B: int, opts: _Options, return_shift_labels: bool):
+    """(labels kind, the labels field or None), with the rules tying labels to the other arguments."""
+    if labels is None:
+        kind, lab = LABELS_NONE, None
+        if label_offsets is not None:
+            raise ValueError("label_offsets is given but labels is None")
+    elif isinstance(labels, str):
+        if labels != "input_ids":
+            raise ValueError(f"labels must be None, 'input_ids' or sequences of label ids, got {labels!r}")
+        kind, lab = LABELS_DERIVED, None
+    else:
+        kind, lab = LABELS_GIVEN, _as_seqs(labels, label_offsets, "labels", "label_offsets")
+        if lab.B != B:
+            raise ValueError(f"labels has {lab.B} examples but input_ids has B = {B}")
+    if kind != LABELS_NONE and opts.label_pad_token_id is None:
+        raise ValueError("label_pad_token_id must be an int when labels are returned")
+    if kind == LABELS_NONE and (return_shift_labels or opts.decoder_start_token_id is not None):
+        raise ValueError("return_shift_labels / decoder_start_token_id need labels (labels='input_ids' or sequences)")
+    if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
+        raise ValueError("decoder_start_token_id needs pad_token_id (decoder_input_ids replace -100 by it)")
+    return kind, lab
+
+
+def _masks_and_extras(src: _Seqs, kind: int, offsets, prompt_lengths, loss_masks, extras, return_loss_mask: bool,
+                      opts: _Options):
+    """(prompt lengths, the loss_masks field, {name: (field, pad)}): the per-example masks and the extra fields,
+    each checked against input_ids."""
+    prompt = masks = None
+    if prompt_lengths is not None:
+        if kind != LABELS_DERIVED and not return_loss_mask:
+            raise ValueError("prompt_lengths applies to labels='input_ids' or return_loss_mask=True")
+        prompt = _prompt_lengths(prompt_lengths, src.B)
+    elif return_loss_mask:
+        raise ValueError("return_loss_mask=True needs prompt_lengths")
+    if loss_masks is not None:
+        if kind != LABELS_DERIVED:
+            raise ValueError("loss_masks apply to derived labels (labels='input_ids')")
+        masks = _as_seqs(loss_masks, offsets, "loss_masks", "offsets")
+        _check_aligned(masks, src)
+    extra_seqs = {}
+    if extras:
+        if not isinstance(extras, dict):
+            raise TypeError(f"extras must be a dict {{name: (sequences, pad_value)}}, got {type(extras).__name__}")
+        for name, spec in extras.items():
+            if not isinstance(name, str) or name in OUTPUT_KEYS:
+                raise ValueError(f"extras: name {name!r} must be a str other than the op's own outputs {OUTPUT_KEYS}")
+            if not isinstance(spec, tuple) or len(spec) != 2:  # a list would be ambiguous with a list of rows
+                raise TypeError(f"extras[{name!r}]: expected (sequences, pad_value), got {type(spec).__name__}")
+            seqs = _as_seqs(spec[0], offsets, name, "offsets")
+            _check_aligned(seqs, src)
+            pad = _as_int(spec[1], f"extras[{name!r}] pad value")
+            lo, hi = opts.value_range
+            if not lo <= pad <= hi:
+                raise ValueError(f"extras[{name!r}] pad value {pad} does not fit in the output dtype {opts.dtype}")
+            extra_seqs[name] = (seqs, pad)
+    return prompt, masks, extra_seqs
+
+
+@functools.lru_cache(maxsize=None)
+def _wanted(labels: bool, decoder: bool, *flags: bool) -> tuple:
+    """The requested keys of OUTPUT_KEYS, in order, each with whether it is [B, Ll] (a labels width) rather than
+    [B, L]. flags: return_attention_mask, return_shift_labels, return_position_ids, return_loss_mask."""
+    attention, shift, position, loss = (bool(f) for f in flags)
+    on = dict(input_ids=True, attention_mask=attention, labels=labels, decoder_input_ids=decoder,
+              shift_labels=shift, position_ids=position, loss_mask=loss)
+    return tuple((k, k in ("labels", "decoder_input_ids", "shift_labels")) for k in OUTPUT_KEYS if on[k])
 
 
 def pad_shift_mask(
@@ -870,70 +964,23 @@ def pad_shift_mask(
                             padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
     src = _as_seqs(input_ids, offsets, "input_ids", "offsets")
     B = src.B
-
-    # labels
-    if labels is None:
-        kind, lab = LABELS_NONE, None
-        if label_offsets is not None:
-            raise ValueError("label_offsets is given but labels is None")
-    elif isinstance(labels, str):
-        if labels != "input_ids":
-            raise ValueError(f"labels must be None, 'input_ids' or sequences of label ids, got {labels!r}")
-        kind, lab = LABELS_DERIVED, None
-    else:
-        kind, lab = LABELS_GIVEN, _as_seqs(labels, label_offsets, "labels", "label_offsets")
-        if lab.B != B:
-            raise ValueError(f"labels has {lab.B} examples but input_ids has B = {B}")
-    if kind != LABELS_NONE and opts.label_pad_token_id is None:
-        raise ValueError("label_pad_token_id must be an int when labels are returned")
-    if kind == LABELS_NONE and (return_shift_labels or opts.decoder_start_token_id is not None):
-        raise ValueError("return_shift_labels / decoder_start_token_id need labels (labels='input_ids' or sequences)")
-    if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
-        raise ValueError("decoder_start_token_id needs pad_token_id (decoder_input_ids replace -100 by it)")
-
-    # per-example masks
-    if prompt_lengths is not None:
-        if kind != LABELS_DERIVED and not return_loss_mask:
-            raise ValueError("prompt_lengths applies to labels='input_ids' or return_loss_mask=True")
-        prompt = _prompt_lengths(prompt_lengths, B)
-    else:
-        prompt = None
-        if return_loss_mask:
-            raise ValueError("return_loss_mask=True needs prompt_lengths")
-    masks = None
-    if loss_masks is not None:
-        if kind != LABELS_DERIVED:
-            raise ValueError("loss_masks apply to derived labels (labels='input_ids')")
-        masks = _as_seqs(loss_masks, offsets, "loss_masks", "offsets")
-        _check_aligned(masks, src)
+    kind, lab = _labels_field(labels, label_offsets, B, opts, return_shift_labels)
+    prompt = masks = None
     extra_seqs = {}
-    if extras:
-        if not isinstance(extras, dict):
-            raise TypeError(f"extras must be a dict {{name: (sequences, pad_value)}}, got {type(extras).__name__}")
-        for name, spec in extras.items():
-            if not isinstance(name, str) or name in OUTPUT_KEYS:
-                raise ValueError(f"extras: name {name!r} must be a str other than the op's own outputs {OUTPUT_KEYS}")
-            if not isinstance(spec, tuple) or len(spec) != 2:  # a list would be ambiguous with a list of rows
-                raise TypeError(f"extras[{name!r}]: expected (sequences, pad_value), got {type(spec).__name__}")
-            seqs = _as_seqs(spec[0], offsets, name, "offsets")
-            _check_aligned(seqs, src)
-            pad = _as_int(spec[1], f"extras[{name!r}] pad value")
-            lo, hi = opts.value_range
-            if not lo <= pad <= hi:
-                raise ValueError(f"extras[{name!r}] pad value {pad} does not fit in the output dtype {opts.dtype}")
-            extra_seqs[name] = (seqs, pad)
+    if prompt_lengths is not None or loss_masks is not None or extras or return_loss_mask:
+        prompt, masks, extra_seqs = _masks_and_extras(src, kind, offsets, prompt_lengths, loss_masks, extras,
+                                                      return_loss_mask, opts)
 
     # devices
-    out_device = _resolve_device(device, src)
-    for seqs in [src, lab, masks] + [s for s, _ in extra_seqs.values()]:
+    out_device = src.device if device is None else _resolve_device(device)
+    for seqs in (src, lab, masks, *[s for s, _ in extra_seqs.values()]):
         if seqs is not None and seqs.rows is None and not seqs.on_host and seqs.device != out_device:
             raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on a "
                              "device can only be collated onto that device")
     requested, backend = backend, _select_backend(backend, out_device)
 
     # widths (every length rule is checked here, before any launch)
-    lab_on_host = lab is None or lab.host_offsets()
-    if src.host_offsets() and lab_on_host:
+    if src.host_offsets() and (lab is None or lab.host_offsets()):
         widths = _host_widths(src, lab, opts, kind)
     elif opts.padding == "max_length" and not src.host_offsets() and (lab is None or not lab.host_offsets()):
         widths = _device_widths(opts)
@@ -943,25 +990,15 @@ def pad_shift_mask(
                                        {k: (_host_copy_offsets(s, src), p) for k, (s, p) in extra_seqs.items()})
         widths = _host_widths(src, lab, opts, kind)
 
-    want = {
-        "attention_mask": return_attention_mask,
-        "labels": kind != LABELS_NONE,
-        "decoder_input_ids": opts.decoder_start_token_id is not None,
-        "shift_labels": return_shift_labels,
-        "position_ids": return_position_ids,
-        "loss_mask": return_loss_mask,
-    }
-
+    want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, return_attention_mask,
+                   return_shift_labels, return_position_ids, return_loss_mask)
     if backend == "torch":
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
 
     L, Ll = widths.L, widths.Ll
-    outs = {"input_ids": torch.empty((B, L), dtype=opts.dtype, device=out_device)}
-    for key in OUTPUT_KEYS[1:]:
-        if want[key]:
-            width = Ll if key in ("labels", "decoder_input_ids", "shift_labels") else L
-            outs[key] = torch.empty((B, width), dtype=opts.dtype, device=out_device)
+    outs = {key: torch.empty((B, Ll if label_width else L), dtype=opts.dtype, device=out_device)
+            for key, label_width in want}
     if backend == "cpu":
         for name in extra_seqs:
             outs[name] = torch.empty((B, L), dtype=opts.dtype)
