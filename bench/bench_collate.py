@@ -10,6 +10,8 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
     - pyseqpack.DataCollatorForSeq2Seq                            (the drop-in)
     - pyseqpack.pad_shift_mask, one row per backend that runs on the CPU
     - memcpy of the output bytes                                  (reference: the speed limit)
+    - clone of the finished batch: one fresh tensor per output + memcpy into it, i.e. the least any collator
+      that returns new tensors does (the output allocations are a fixed ~1.5 us each on a CPU)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
   its automatic choice (one thread per 2^18 output elements) is one thread at these shapes.
@@ -128,6 +130,12 @@ def _psm(backend):
     return build
 
 
+def _clone(features, tokenizer, threads):
+    done = _hf(features, tokenizer, threads)()
+    batch = {k: done[k] for k in KEYS}
+    return lambda: {k: v.clone() for k, v in batch.items()}
+
+
 # id -> (label, role, builder)
 IMPLS = {
     "hf": ("transformers DataCollatorForSeq2Seq", H.BASELINE, _hf),
@@ -136,6 +144,7 @@ IMPLS = {
     "psm-cpu": ("pyseqpack pad_shift_mask[cpu]", H.OURS, _psm("cpu")),
     "psm-torch": ("pyseqpack pad_shift_mask[torch]", H.OURS, _psm("torch")),
     "memcpy": ("memcpy of the output bytes", H.REFERENCE, None),
+    "clone": ("clone of the finished batch (fresh outputs + memcpy)", H.OTHER, _clone),
 }
 
 
