@@ -311,8 +311,8 @@ def _check_aligned(seqs: _Seqs, src: _Seqs):
         raise ValueError(f"{seqs.name} has {seqs.B} examples but input_ids has {src.B}")
     if seqs.device != src.device:
         raise ValueError(f"{seqs.name} is on {seqs.device} but input_ids is on {src.device}")
-    if isinstance(src._lengths, bytes) and seqs._lengths == src._lengths:  # both measured in C++: equal bytes
-        return
+    if isinstance(src._lengths, bytes) and isinstance(seqs._lengths, bytes) and seqs._lengths == src._lengths:
+        return  # both measured in C++, to equal bytes
     if isinstance(src.lengths, np.ndarray):
         diff = np.flatnonzero(seqs.lengths != src.lengths)
         if len(diff):

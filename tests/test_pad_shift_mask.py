@@ -536,6 +536,20 @@ def test_bad_arguments(kwargs, error, message):
         pad_shift_mask(input_ids, **kwargs)
 
 
+@pytest.mark.parametrize("backend", VALIDATING)
+def test_aligned_fields_of_mixed_row_types(backend):
+    """Rows measured in C++ (numpy) beside rows converted in Python (tensors): the lengths still compare."""
+    ids = [np.array([1, 2, 3]), np.array([4, 5])]
+    out = pad_shift_mask(ids, pad_token_id=0, labels="input_ids", backend=backend,
+                         loss_masks=[torch.tensor([0, 1, 1]), torch.tensor([1, 0])],
+                         extras={"tt": ([torch.tensor([7, 7, 7]), torch.tensor([8, 8])], 0)})
+    assert out["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert out["tt"].tolist() == [[7, 7, 7], [8, 8, 0]]
+    with pytest.raises(ValueError, match=r"tt\[1\] has 1 values but input_ids\[1\] has 2 tokens"):
+        pad_shift_mask(ids, pad_token_id=0, backend=backend,
+                       extras={"tt": ([torch.tensor([7, 7, 7]), torch.tensor([8])], 0)})
+
+
 def test_pad_token_only_needed_for_padding():
     out = pad_shift_mask([[1, 2], [3, 4]], pad_token_id=None, backend="cpu")
     assert out["input_ids"].tolist() == [[1, 2], [3, 4]]
