@@ -748,6 +748,16 @@ std::once_flag g_cluster_once[kMaxDevices];
     if (err_ != cudaSuccess) return err_;   \
   } while (0)
 
+// Dynamic shared memory one of `resident` CTAs on an SM of `per_sm` bytes may take, beside the per-CTA reserve
+// and its static shared memory. Shared memory is handed out in 128-byte units: with the static part rounded up
+// and the result rounded down, static + dynamic never spill into a unit more than the share holds (which would
+// cost a resident CTA).
+int64_t dynamic_share(int64_t per_sm, int64_t resident, int64_t reserved, int64_t static_smem) {
+  constexpr int64_t kUnit = 128;
+  const int64_t share = per_sm / resident - reserved - (static_smem + kUnit - 1) / kUnit * kUnit;
+  return std::max<int64_t>(0, share / kUnit * kUnit);
+}
+
 cudaError_t init_device(int dev, DeviceState& s) {
   int optin = 0, per_sm = 0, reserved = 0;
   PYSEQPACK_TRY(cudaDeviceGetAttribute(&s.num_sms, cudaDevAttrMultiProcessorCount, dev));
@@ -772,8 +782,8 @@ cudaError_t init_device(int dev, DeviceState& s) {
           int resident = 0;
           PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, fn, kBlockSizes[b], 0));
           resident = std::max(resident, 1);
-          const int64_t share = per_sm / resident - reserved - static_smem;
-          s.cache_bytes[acc][dtype][vec][b] = std::min(max_dynamic, std::max<int64_t>(0, share));
+          s.cache_bytes[acc][dtype][vec][b] = std::min(max_dynamic, dynamic_share(per_sm, resident, reserved,
+                                                                                   static_smem));
         }
       }
     }
@@ -811,9 +821,9 @@ cudaError_t init_clusters(int dev, ClusterState& s) {
       }
       const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
       // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
-      const int64_t budget = std::min<int64_t>(optin - static_smem, per_sm / 2 - reserved - static_smem);
       int64_t& slice_budget = s.slice_budget[acc][dtype];
-      slice_budget = std::max<int64_t>(0, budget);
+      slice_budget = std::min<int64_t>(std::max<int64_t>(0, optin - static_smem),
+                                       dynamic_share(per_sm, 2, reserved, static_smem));
       PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(slice_budget)));
       PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
