@@ -295,9 +295,14 @@ std::string repr(PyObject* o) {
 // objects with __index__ (numpy integer scalars) the general one; anything else (float, str, None) fails.
 bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t* dst,
                    Failure* fl) {
+  // The hot loop reads small ints only, which runs no Python code, so the list cannot change under it: its length
+  // is checked once here, and again only after the general path, where __index__ may run Python code that
+  // resizes it. The accepted range is copied into locals: dst stores could alias the Field, which would force
+  // a reload of both bounds per element.
   PyObject** items = PySequence_Fast_ITEMS(s.seq);
+  if (start + count > PySequence_Fast_GET_SIZE(s.seq)) return fail(fl, Fault::kChanged, f, b, start, 0);
+  const int64_t lo = f.lo, hi = f.hi;
   for (int64_t k = 0; k < count; ++k) {
-    if (start + k >= PySequence_Fast_GET_SIZE(s.seq)) return fail(fl, Fault::kChanged, f, b, start + k, 0);
     PyObject* o = items[start + k];
     long long x;
     if (!compact_long(o, &x)) {
@@ -307,7 +312,7 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
         i = o;
       } else if (PyIndex_Check(o)) {
         Py_INCREF(o);
-        i = PyNumber_Index(o);  // may run Python code that resizes the list: items is re-read below
+        i = PyNumber_Index(o);  // may run Python code that resizes the list: it is re-read below
         if (i == nullptr) {
           PyErr_Clear();
           std::string tname = Py_TYPE(o)->tp_name;
@@ -316,6 +321,10 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
         }
         Py_DECREF(o);
         items = PySequence_Fast_ITEMS(s.seq);
+        if (start + count > PySequence_Fast_GET_SIZE(s.seq)) {
+          Py_DECREF(i);
+          return fail(fl, Fault::kChanged, f, b, start + k, 0);
+        }
       } else {
         return fail(fl, Fault::kType, f, b, start + k, 0, Py_TYPE(o)->tp_name);
       }
@@ -328,7 +337,7 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
       }
       Py_DECREF(i);
     }
-    if (!in_range(f, x)) return fail(fl, Fault::kRange, f, b, start + k, x);
+    if (x < lo || x > hi) return fail(fl, Fault::kRange, f, b, start + k, x);
     dst[k] = x;
   }
   return true;

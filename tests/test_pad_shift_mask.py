@@ -550,6 +550,21 @@ def test_aligned_fields_of_mixed_row_types(backend):
                        extras={"tt": ([torch.tensor([7, 7, 7]), torch.tensor([8])], 0)})
 
 
+@pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
+def test_row_shrunk_while_read_is_an_error():
+    """An __index__ that empties its own row while the C++ backend reads it: a clear error, no stale read."""
+    row = [1, 2, 3, 4]
+
+    class Shrinks:
+        def __index__(self):
+            del row[1:]
+            return 5
+
+    row[0] = Shrinks()
+    with pytest.raises(RuntimeError, match=r"input_ids\[0\]: the data does not match its length"):
+        pad_shift_mask([row, [6]], pad_token_id=0, backend="cpu")
+
+
 def test_pad_token_only_needed_for_padding():
     out = pad_shift_mask([[1, 2], [3, 4]], pad_token_id=None, backend="cpu")
     assert out["input_ids"].tolist() == [[1, 2], [3, 4]]
