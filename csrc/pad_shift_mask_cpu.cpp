@@ -21,6 +21,7 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -253,15 +254,31 @@ bool in_range(const Field& f, int64_t v) { return v >= f.lo && v <= f.hi; }
 template <typename T>
 bool read_buffer(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t base,
                  int64_t* dst, Failure* fl) {
-  const char* p = s.data + start * s.stride;
-  for (int64_t k = 0; k < count; ++k, p += s.stride) {
+  // Locals, not Field / RowSource members: dst stores could alias them (a reload per element otherwise).
+  const Py_ssize_t stride = s.stride;
+  const int64_t lo = f.lo, hi = f.hi;
+  const char* p = s.data + start * stride;
+  if constexpr (!std::is_same_v<T, uint64_t>) {
+    // Every T fits the accepted range (say int32 or uint16 values for int64 outputs): nothing to check, and a
+    // contiguous row converts in a plain loop that the compiler vectorizes.
+    if (lo <= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
+        hi >= static_cast<int64_t>(std::numeric_limits<T>::max()) && stride == static_cast<Py_ssize_t>(sizeof(T))) {
+      for (int64_t k = 0; k < count; ++k) {
+        T x;
+        std::memcpy(&x, p + k * static_cast<int64_t>(sizeof(T)), sizeof(T));  // unaligned views too
+        dst[k] = static_cast<int64_t>(x);
+      }
+      return true;
+    }
+  }
+  for (int64_t k = 0; k < count; ++k, p += stride) {
     T x;
     std::memcpy(&x, p, sizeof(T));  // numpy rows may be unaligned views
     if constexpr (std::is_same_v<T, uint64_t>) {
       if (x > static_cast<uint64_t>(INT64_MAX)) return fail(fl, Fault::kOverflow, f, b, start - base + k, 0, std::to_string(x));
     }
     const int64_t v = static_cast<int64_t>(x);
-    if (!in_range(f, v)) return fail(fl, Fault::kRange, f, b, start - base + k, v);
+    if (v < lo || v > hi) return fail(fl, Fault::kRange, f, b, start - base + k, v);
     dst[k] = v;
   }
   return true;

@@ -302,6 +302,24 @@ def test_cpu_threads_and_first_error_row():
         pad_shift_mask(bad, pad_token_id=0, dtype=torch.int32, backend="cpu", num_threads=3)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("row_dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.bool_])
+def test_narrow_row_dtypes(row_dtype, out_dtype):
+    """Rows of every narrower integer type, contiguous and strided, into both output dtypes: the reference's
+    values; and a uint32 value above int32 is still caught for int32 outputs."""
+    info = np.iinfo(row_dtype) if row_dtype is not np.bool_ else np.iinfo(np.uint8)
+    hi = 1 if row_dtype is np.bool_ else min(info.max, 2**31 - 1)
+    lo = 0 if row_dtype is np.bool_ else max(info.min, -(2**31))
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(lo, hi, size=n, endpoint=True).astype(row_dtype) for n in (5, 0, 17, 3)]
+    rows.append(rng.integers(lo, hi, size=12, endpoint=True).astype(row_dtype)[::3])  # strided
+    kw = dict(pad_token_id=0, labels="input_ids", dtype=out_dtype)
+    assert_same(pad_shift_mask(rows, backend="cpu", **kw), pad_shift_mask(rows, backend="torch", **kw))
+    if row_dtype is np.uint32 and out_dtype == torch.int32:
+        with pytest.raises(ValueError, match=r"input_ids\[1\]\[2\]: 2147483648 does not fit in the output dtype"):
+            pad_shift_mask([rows[0], np.array([1, 2, 2**31], dtype=np.uint32)], backend="cpu", **kw)
+
+
 def test_no_native_fallbacks(monkeypatch):
     """Without pyseqpack._C: auto uses the reference, and the device path packs host rows in Python."""
     monkeypatch.setattr(_native, "cpu_available", lambda: False)
