@@ -1,13 +1,14 @@
 // C++ CPU backend of pyseqpack.pad_shift_mask: Python sequences / buffers in, padded tensors out, one pass.
 //
 // Python hands over the padded widths and planning options (psm::Layout) and raw output pointers
-// (tensor.data_ptr()), plus the caller's objects themselves: a sequence of rows (lists / tuples of ints, or 1-D integer buffers such
-// as numpy arrays) or one flat 1-D buffer with its offsets. Each example is planned by psm::plan_row (the
-// lines the CUDA kernel runs), then its kept tokens are read straight from those objects
-// (PyLong -> int64 for lists, a typed strided read for buffers), validated on the way, staged in a small
-// int64 row scratch (or read in place when the buffer already is contiguous int64), and every output row
-// is then written by the per-element functions of pad_shift_mask.h. Memory traffic: each kept input
-// element is read once (twice when staged, the second time from L1), each output element written once.
+// (tensor.data_ptr()), plus the caller's objects themselves: a sequence of rows (lists / tuples of ints, or 1-D
+// integer buffers such as numpy arrays; psm_row_lengths, which measures them first, hands them over already
+// opened) or one flat 1-D buffer with its offsets. Each example is planned by psm::plan_row (the lines the CUDA
+// kernel runs), then its kept tokens are read straight from those objects (PyLong -> int64 for lists, a typed
+// strided read for buffers), validated on the way, staged in a small int64 row scratch (or read in place when the
+// buffer already is contiguous int64), and every output row is then written by the per-element functions of
+// pad_shift_mask.h. Memory traffic: each kept input element is read once (twice when staged, the second time
+// from L1), each output element written once.
 //
 // Python ints need the GIL, so list input runs on the calling thread. When every row is a buffer the GIL is
 // released and large batches are split across std::threads by rows.
