@@ -99,7 +99,7 @@ import importlib
 import importlib.util
 import operator
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -157,6 +157,10 @@ class _Seqs:
         if isinstance(self._lengths, bytes):
             self._lengths = np.frombuffer(self._lengths, dtype=np.int64)
         return self._lengths
+
+    def measured_alike(self, other: "_Seqs") -> bool:
+        """Both fields measured in C++, to the same lengths (compared as bytes, without numpy)."""
+        return isinstance(self._lengths, bytes) and isinstance(other._lengths, bytes) and self._lengths == other._lengths
 
     @property
     def B(self) -> int:
@@ -311,8 +315,8 @@ def _check_aligned(seqs: _Seqs, src: _Seqs):
         raise ValueError(f"{seqs.name} has {seqs.B} examples but input_ids has {src.B}")
     if seqs.device != src.device:
         raise ValueError(f"{seqs.name} is on {seqs.device} but input_ids is on {src.device}")
-    if isinstance(src._lengths, bytes) and isinstance(seqs._lengths, bytes) and seqs._lengths == src._lengths:
-        return  # both measured in C++, to equal bytes
+    if seqs.measured_alike(src):
+        return
     if isinstance(src.lengths, np.ndarray):
         diff = np.flatnonzero(seqs.lengths != src.lengths)
         if len(diff):
