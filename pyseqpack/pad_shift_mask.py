@@ -126,6 +126,11 @@ _INT32 = (-(2**31), 2**31 - 1)
 # Inputs, normalized
 # ---------------------------------------------------------------------------------------------------------------
 
+def _length_array(lengths):
+    """int64 [B] numpy lengths from what _row_lengths returns (the bytes C++ measured, or numpy already)."""
+    return np.frombuffer(lengths, dtype=np.int64) if isinstance(lengths, bytes) else lengths
+
+
 class _Seqs:
     """One ragged field, in one of two forms: `rows` (one host object per example) or `flat` + `offsets`.
 
@@ -154,8 +159,7 @@ class _Seqs:
 
     @property
     def lengths(self):
-        if isinstance(self._lengths, bytes):
-            self._lengths = np.frombuffer(self._lengths, dtype=np.int64)
+        self._lengths = _length_array(self._lengths)
         return self._lengths
 
     def measured_alike(self, other: "_Seqs") -> bool:
@@ -283,8 +287,7 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
     lengths, other, extent, opened = _row_lengths(value, name)
     if not other:
         return _Seqs(name, rows=value, lengths=lengths, extent=extent, opened=opened)
-    if isinstance(lengths, bytes):
-        lengths = np.frombuffer(lengths, dtype=np.int64)
+    lengths = _length_array(lengths)
     rows = list(value)
     tensor_rows = [b for b, r in enumerate(rows) if isinstance(r, torch.Tensor)]
     devices = {rows[b].device for b in tensor_rows}
@@ -928,10 +931,9 @@ def _masks_and_extras(src: _Seqs, kind: int, offsets, prompt_lengths, loss_masks
 
 
 @functools.lru_cache(maxsize=None)
-def _wanted(labels: bool, decoder: bool, *flags: bool) -> tuple:
+def _wanted(labels: bool, decoder: bool, attention: bool, shift: bool, position: bool, loss: bool) -> tuple:
     """The requested keys of OUTPUT_KEYS, in order, each with whether it is [B, Ll] (a labels width) rather than
-    [B, L]. flags: return_attention_mask, return_shift_labels, return_position_ids, return_loss_mask."""
-    attention, shift, position, loss = (bool(f) for f in flags)
+    [B, L]. Cached: the caller passes plain bools."""
     on = dict(input_ids=True, attention_mask=attention, labels=labels, decoder_input_ids=decoder,
               shift_labels=shift, position_ids=position, loss_mask=loss)
     return tuple((k, k in ("labels", "decoder_input_ids", "shift_labels")) for k in OUTPUT_KEYS if on[k])
@@ -971,11 +973,8 @@ def pad_shift_mask(
     src = _as_seqs(input_ids, offsets, "input_ids", "offsets")
     B = src.B
     kind, lab = _labels_field(labels, label_offsets, B, opts, return_shift_labels)
-    prompt = masks = None
-    extra_seqs = {}
-    if prompt_lengths is not None or loss_masks is not None or extras or return_loss_mask:
-        prompt, masks, extra_seqs = _masks_and_extras(src, kind, offsets, prompt_lengths, loss_masks, extras,
-                                                      return_loss_mask, opts)
+    prompt, masks, extra_seqs = _masks_and_extras(src, kind, offsets, prompt_lengths, loss_masks, extras,
+                                                  return_loss_mask, opts)
 
     # devices
     out_device = src.device if device is None else _resolve_device(device)
@@ -996,8 +995,8 @@ def pad_shift_mask(
                                        {k: (_host_copy_offsets(s, src), p) for k, (s, p) in extra_seqs.items()})
         widths = _host_widths(src, lab, opts, kind)
 
-    want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, return_attention_mask,
-                   return_shift_labels, return_position_ids, return_loss_mask)
+    want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(return_attention_mask),
+                   bool(return_shift_labels), bool(return_position_ids), bool(return_loss_mask))
     if backend == "torch":
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
