@@ -74,6 +74,11 @@ def cpu_available() -> bool:
     return _load_cpu()[0] is not None
 
 
+def cpu_module_or_none():
+    """The C++ CPU extension module, or None when it is missing (hot paths: one call instead of two)."""
+    return _load_cpu()[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _load_cuda():
     here = os.path.dirname(os.path.abspath(__file__))

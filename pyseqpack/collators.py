@@ -85,13 +85,13 @@ def _round_up(n: int, multiple) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
-def _fit_width(lengths, target: int, what: str, why: str) -> int:
-    """Width of rows padded to `target` the transformers way, without truncation.
+def _fit_width(lengths, longest: int, target: int, what: str, why) -> int:
+    """Width of rows padded to `target` the transformers way, without truncation (`longest`: max(lengths)).
 
     Shorter rows are padded to `target`; longer rows are left as they are, so the batch stacks only when
-    every row longer than `target` has the same length (then that is the width). Otherwise ValueError.
+    every row longer than `target` has the same length (then that is the width). Otherwise ValueError, whose
+    message ends with `why()` (formatted only then: this runs on every batch).
     """
-    longest = max(lengths)
     if longest <= target:
         return target
     if min(lengths) == longest:
@@ -99,7 +99,7 @@ def _fit_width(lengths, target: int, what: str, why: str) -> int:
     i = next(i for i, n in enumerate(lengths) if n > target)
     j = next(j for j, n in enumerate(lengths) if n != lengths[i])
     raise ValueError(
-        f"{what} of example {i} has {lengths[i]} tokens, more than the padded length {target} ({why}), and "
+        f"{what} of example {i} has {lengths[i]} tokens, more than the padded length {target} ({why()}), and "
         f"example {j} has {lengths[j]}: transformers pads without truncating, so these rows cannot be stacked. "
         "Truncate the examples or raise max_length."
     )
@@ -226,7 +226,7 @@ class _Batch:
     """
 
     __slots__ = (
-        "main", "order", "rows", "lengths", "width", "rows_are_arrays", "pad_token_id", "padding_side",
+        "main", "order", "rows", "longest", "width", "rows_are_arrays", "pad_token_id", "padding_side",
         "padded", "extras", "unpadded", "create_mask",
     )
 
@@ -247,12 +247,14 @@ class _Batch:
             raise TypeError(
                 f"example {i} field {main!r}: expected a sequence of token ids, got {type(rows[i]).__name__}"
             ) from None
+        longest = max(lengths)
         if strategy == _DO_NOT_PAD:
             self.width = _uniform_width(lengths, main, f"padding={padding!r}")
         else:
-            target = _round_up(max(lengths) if strategy == _LONGEST else max_length, pad_to_multiple_of)
-            self.width = _fit_width(lengths, target, main, f"padding={padding!r}, max_length={max_length}")
-        self.main, self.order, self.rows, self.lengths = main, tuple(cols), rows, lengths
+            target = _round_up(longest if strategy == _LONGEST else max_length, pad_to_multiple_of)
+            self.width = _fit_width(lengths, longest, target, main,
+                                    lambda: f"padding={padding!r}, max_length={max_length}")
+        self.main, self.order, self.rows, self.longest = main, tuple(cols), rows, longest
         self.padding_side = tokenizer.padding_side
 
         # Padded fields and their pad values; everything else is batched as is.
@@ -269,13 +271,13 @@ class _Batch:
         self.unpadded = {k: v for k, v in cols.items() if k not in self.padded}
         self.create_mask = mask_is_input and "attention_mask" not in cols
 
-    def run(self, labels=None, label_width=None, label_lengths=None, label_pad_token_id=-100,
+    def run(self, labels=None, label_width=None, longest_label=None, label_pad_token_id=-100,
             pad_to_multiple_of=None, decoder_start_token_id=None):
         """Pads the batch; returns pad_shift_mask's dict of tensors (keys "input_ids", the padded extras,
         "attention_mask" when created, "labels" / "decoder_input_ids" when asked for).
 
         labels: None, "input_ids" (labels derived from input_ids, width `width`), or a list of label rows
-        padded to `label_width` (their lengths in `label_lengths`).
+        padded to `label_width` (the longest of them has `longest_label` values).
         """
         common = dict(
             pad_token_id=self.pad_token_id,
@@ -284,13 +286,12 @@ class _Batch:
             return_attention_mask=self.create_mask,
             extras=self.extras or None,
         )
-        width, longest = self.width, max(self.lengths)
+        width, longest = self.width, self.longest
         if labels is None or isinstance(labels, str):
             return pad_shift_mask(self.rows, labels=labels, **_geometry(width, longest), **common)
         # One call pads input_ids to `width` and the labels to `label_width` when the op's own geometry gives
         # both: "longest" gives (longest row, longest label), each rounded up to pad_to_multiple_of;
         # "max_length" gives (max_length, max_length).
-        longest_label = max(label_lengths)
         if width == longest and label_width == longest_label:
             geometry = dict(padding=_LONGEST)
         elif width == label_width:
@@ -507,13 +508,14 @@ class DataCollatorForSeq2Seq:
         no_padding = self.padding is False or self.padding == _DO_NOT_PAD
         label_lengths = _label_lengths(labels, label_name,
                                        ValueError if no_padding and not isinstance(labels[0], list) else TypeError)
+        longest_label = max(label_lengths)
         if no_padding:
             label_width = _uniform_width(label_lengths, "labels", f"padding={self.padding!r}")
         else:
             by_max_length = self.padding == _MAX_LENGTH and self.max_length is not None
-            target = _round_up(self.max_length if by_max_length else max(label_lengths), self.pad_to_multiple_of)
-            label_width = _fit_width(label_lengths, target, "labels", f"padding={self.padding!r}, "
-                                     f"max_length={self.max_length}, labels are padded to their own length")
+            target = _round_up(self.max_length if by_max_length else longest_label, self.pad_to_multiple_of)
+            label_width = _fit_width(label_lengths, longest_label, target, "labels", lambda: (
+                f"padding={self.padding!r}, max_length={self.max_length}, labels are padded to their own length"))
 
         rule = self._model_rule()
         fused_start = None
@@ -524,7 +526,7 @@ class DataCollatorForSeq2Seq:
             config = self.model.config
             if batch.pad_token_id is not None and config.pad_token_id == batch.pad_token_id:
                 fused_start = config.decoder_start_token_id if rule == "start" else config.pad_token_id
-        out = batch.run(labels, label_width, label_lengths, self.label_pad_token_id, self.pad_to_multiple_of,
+        out = batch.run(labels, label_width, longest_label, self.label_pad_token_id, self.pad_to_multiple_of,
                         fused_start)
         data = batch.assemble(out, return_tensors)
         data["labels"] = out["labels"].numpy() if return_tensors == "np" else out["labels"]
@@ -586,8 +588,10 @@ class DataCollatorForTokenClassification:
         if labels is None:
             return _batch_encoding(batch.assemble(batch.run(), return_tensors))
         label_lengths = _label_lengths(labels, label_name)
-        label_width = _fit_width(label_lengths, batch.width, label_name, "labels are padded to the input length")
-        out = batch.run(labels, label_width, label_lengths, self.label_pad_token_id)
+        longest_label = max(label_lengths)
+        label_width = _fit_width(label_lengths, longest_label, batch.width, label_name,
+                                 lambda: "labels are padded to the input length")
+        out = batch.run(labels, label_width, longest_label, self.label_pad_token_id)
         data = batch.assemble(out, return_tensors)
         data[label_name] = out["labels"].numpy() if return_tensors == "np" else out["labels"]
         return _batch_encoding(data)
