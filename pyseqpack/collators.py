@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections import UserDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -195,7 +196,14 @@ def _pad_token_id(tokenizer) -> int:
 
 
 def _batch_encoding(data: dict):
-    return _hf().BatchEncoding(data)
+    """BatchEncoding(data). BatchEncoding is a UserDict, whose constructor copies the items one __setitem__ at a
+    time (about 1 us for a batch); the empty one takes `data` as its documented backing dict instead."""
+    cls = _hf().BatchEncoding
+    if not issubclass(cls, UserDict):  # another transformers design: use its constructor
+        return cls(data)
+    batch = cls()
+    batch.data = data
+    return batch
 
 
 def _convert_unpadded(cols: dict, rows_are_arrays: bool, return_tensors: str) -> dict:

@@ -547,4 +547,10 @@ def test_batch_encoding_and_tensor_types():
     out = pyseqpack.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}])
     assert isinstance(out, transformers.BatchEncoding)
     assert out.to("cpu")["input_ids"].tolist() == [[5, 6]]
-    assert_same_batch(out, transformers.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}]))
+    theirs = transformers.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}])
+    assert_same_batch(out, theirs)
+    # Built without its constructor (collators._batch_encoding): the same attributes and state as transformers'.
+    assert vars(out).keys() == vars(theirs).keys()
+    assert (out.encodings, out.n_sequences, out.is_fast) == (theirs.encodings, theirs.n_sequences, theirs.is_fast)
+    out["extra"] = 1
+    assert "extra" in out.data and "extra" not in theirs
