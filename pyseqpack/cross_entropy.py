@@ -386,7 +386,13 @@ def _fwd_bwd_inplace_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """As cross_entropy_fwd_bwd, but the gradient overwrites ``logits`` (each row is read before it is written).
     The dispatcher bumps the logits' version counter, so autograd refuses a backward through anything else that
-    saved them."""
+    saved them. Checked here, not in _validate, so that it also holds under torch.compile (metadata only)."""
+    if _may_overlap(logits):
+        raise ValueError(
+            f"inplace_backward=True: logits overlap in memory (an expanded or as_strided tensor, shape "
+            f"{tuple(logits.shape)}, strides {tuple(logits.stride())}), so they cannot hold a gradient per "
+            "element. Use inplace_backward=False, or contiguous logits"
+        )
     return _run(logits, labels, logits, grad_scale, row_weight, None, ignore_index, label_smoothing, z_loss,
                 softcap, with_accuracy, backend)
 
@@ -574,11 +580,19 @@ def _validate(logits, labels, ignore_index, reduction, label_smoothing, z_loss, 
                 "inplace_backward=True: logits is a view of a leaf tensor that requires grad; writing the gradient "
                 "into it would overwrite that leaf. Use inplace_backward=False"
             )
-        if any(st == 0 and sz > 1 for st, sz in zip(logits.stride(), logits.shape)):
-            raise ValueError(
-                f"inplace_backward=True: logits overlap in memory (an expanded tensor, strides "
-                f"{tuple(logits.stride())}), so they cannot hold a gradient per element"
-            )
+
+
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of `t` may share memory: False is certain. The dims of more than one element, by
+    increasing stride, must each step past everything the smaller ones span (stride_k > sum_j<k (size_j - 1) *
+    stride_j); every view of one tensor's own memory made by slicing, transposing or reshaping passes, while
+    expand (stride 0) and as_strided rows that overlap (0 < row stride < V) fail. Metadata only."""
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def _shift_labels(labels: Tensor, ignore_index: int) -> Tensor:

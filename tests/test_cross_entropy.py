@@ -377,11 +377,34 @@ def test_inplace_backward_refusals():
     expanded = torch.randn(1, 7, requires_grad=True).mul(2).expand(4, 7)
     with pytest.raises(ValueError, match="overlap in memory"):
         fused_cross_entropy(expanded, labels, inplace_backward=True)
+    # rows 3 elements apart in a 7-wide row: neighbouring rows share 4 elements
+    base = torch.randn(40, requires_grad=True).mul(2)
+    with pytest.raises(ValueError, match="overlap in memory"):
+        fused_cross_entropy(base.as_strided((4, 7), (3, 1)), labels, inplace_backward=True)
+    # non-overlapping views of non-leaf logits are accepted: row-strided and padded-row ones
+    for view in (base.as_strided((4, 7), (9, 1)), torch.randn(4, 9, requires_grad=True).mul(2)[:, 1:8]):
+        fused_cross_entropy(view, labels, inplace_backward=True)
+
     # without a gradient to compute, inplace_backward does nothing and the logits are untouched
     x = torch.randn(4, 7)
     before = x.clone()
     fused_cross_entropy(x, labels, inplace_backward=True)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape, strides, overlaps", [
+    ((4, 7), (7, 1), False), ((4, 7), (1, 4), False), ((4, 7), (0, 1), True), ((4, 7), (6, 1), True),
+    ((4, 7), (3, 1), True), ((2, 3, 5), (15, 5, 1), False), ((2, 3, 5), (5, 10, 1), False),
+    ((2, 3, 5), (4, 5, 1), True), ((1, 7), (0, 1), False), ((4, 1), (1, 0), False), ((3, 2), (1, 2), True), ((3, 2), (1, 3), False),
+])
+def test_may_overlap(shape, strides, overlaps):
+    from pyseqpack.cross_entropy import _may_overlap
+
+    t = torch.empty(200).as_strided(shape, strides)
+    assert _may_overlap(t) is overlaps
+    # the brute-force answer: distinct offsets for distinct elements
+    offsets = torch.arange(200).as_strided(shape, strides).reshape(-1)
+    assert (offsets.unique().numel() < offsets.numel()) is overlaps
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -108,6 +108,19 @@ def test_compile_reduction_none_and_inplace():
     _eager_vs_compiled(step_inplace, head, hidden, labels)
 
 
+def test_compile_inplace_refuses_overlapping_logits():
+    """The overlap check sits in the in-place op itself, so it also holds in a compiled graph."""
+    torch._dynamo.reset()
+    base = torch.randn(40, requires_grad=True)
+    labels = torch.randint(0, 7, (4,))
+
+    def step(base, labels):  # rows 3 elements apart, 7 wide: neighbouring rows share memory
+        return fused_cross_entropy(base.mul(2).as_strided((4, 7), (3, 1)), labels, inplace_backward=True).loss
+
+    with pytest.raises(Exception, match="overlap in memory"):
+        torch.compile(step, fullgraph=True)(base, labels)
+
+
 def test_compile_dropins():
     torch._dynamo.reset()
     head, hidden, labels = _model(2)
