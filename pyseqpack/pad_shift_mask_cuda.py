@@ -46,7 +46,12 @@ _MAX_WIDTH = 65535 * 256
 
 @functools.lru_cache(maxsize=None)
 def _lib():
-    lib = _native.cuda_library()  # BackendUnavailable, with a diagnostic, when the library was not built
+    return _declare(_native.cuda_library())  # BackendUnavailable, with a diagnostic, when the library was not built
+
+
+def _declare(lib):
+    """Sets the C signatures of this module's entry points on `lib` (pyseqpack._cuda, or a build of the same
+    sources: the test of the kernel's host emulation) and returns it."""
     p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     lib.pyseqpack_psm_fill.argtypes = [
         p, p, p, i64,         # offsets, label_offsets, prompt_lengths, B

@@ -16,6 +16,10 @@ tensors with host offsets (int32 extras and labels beside int64 tokens, bool and
 int64 tokens with device offsets, which the kernel plans from directly. The batch shapes put rows of length 0
 next to rows that span one, two and four 256-column tiles (B = 1, 3, 29). The launcher grid crosses the same
 sides, truncations and labels with every token / output / side buffer / loss mask type and both launch paths.
+
+The case builders here (make_case, launch_case, bad_offsets_cases, clamped_prompts_case, _device_launch,
+assert_refuses_bad_arguments, ...) also drive tests/test_pad_shift_mask_cuda_emulated.py, which runs the same
+kernel source on the CPU, compiled as host C++, where no GPU is available.
 """
 import copy
 import ctypes
@@ -252,6 +256,15 @@ BUFFER_TYPES = [
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_launch_matches_torch(side, truncation, label_mode, types, check):
+    kw, ref, args = launch_case(side, truncation, label_mode, types, "cuda")
+    _cuda_launcher().launch(args, check=check)
+    _assert_written(args, kw, ref)
+
+
+def launch_case(side, truncation, label_mode, types, device):
+    """(op keyword arguments, their torch reference, the DeviceLaunch on `device` that asks for it) for one case
+    of test_launch_matches_torch: six rows of 0 to 600 tokens with prompts, extras, loss masks for derived labels,
+    buffers of the (output, token, separate labels and extras, loss masks) dtypes `types`."""
     out_dtype, tok_dtype, side_dtype, mask_dtype = types
     rng = random.Random(f"{side}-{truncation}-{label_mode}-{types}")
     top = 2**31 - 1 if torch.int32 in (out_dtype, tok_dtype) else 2**40
@@ -265,9 +278,7 @@ def test_launch_matches_torch(side, truncation, label_mode, types, check):
     if label_mode == "derived":
         kw["loss_masks"] = [[rng.randint(0, 1) for _ in r] for r in rows]
     ref = pad_shift_mask(backend="torch", **kw)
-    args = _device_launch(kw, ref, "cuda", tok_dtype, side_dtype, mask_dtype)
-    _cuda_launcher().launch(args, check=check)
-    _assert_written(args, kw, ref)
+    return kw, ref, _device_launch(kw, ref, device, tok_dtype, side_dtype, mask_dtype)
 
 
 # (entry of the offsets, its untrusted value): entry 0 only moves the first row's start, entry -1 only the last
@@ -289,6 +300,14 @@ BAD_OFFSETS = [
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("entry,value", BAD_OFFSETS)
 def test_offsets_outside_the_buffer_make_an_empty_row(entry, value, side, truncation, window):
+    for kw, expected, args in bad_offsets_cases(entry, value, side, truncation, window, "cuda"):
+        _cuda_launcher().launch(args)
+        _assert_written(args, kw, expected)
+
+
+def bad_offsets_cases(entry, value, side, truncation, window, device):
+    """Two (op keyword arguments, expected outputs, DeviceLaunch on `device`) for one case of
+    test_offsets_outside_the_buffer_make_an_empty_row: the true offsets, then offsets whose `entry` is `value`."""
     rows = [[11, 12, 13, 14, 15], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33, 34]]
     # Separate labels are a copy of the tokens, so the expected outputs are those of emptied rows either way.
     # max_length 6 keeps the 5 values of the first bad window whole (right truncation to 4 would bring it back
@@ -296,9 +315,7 @@ def test_offsets_outside_the_buffer_make_an_empty_row(entry, value, side, trunca
     kw = _op_kwargs(rows, side, truncation, "input_ids" if window == "tokens" else rows, [2, 3, 1],
                     10 if truncation is None else 6)
     ref = pad_shift_mask(backend="torch", **kw)
-    args = _device_launch(kw, ref, "cuda")
-    _cuda_launcher().launch(args)
-    _assert_written(args, kw, ref)  # the true offsets
+    yield kw, ref, _device_launch(kw, ref, device)  # the true offsets
 
     # The bad row comes out as an empty one (its tokens, or its labels), the other rows as before.
     bad = _offsets(rows)
@@ -307,22 +324,25 @@ def test_offsets_outside_the_buffer_make_an_empty_row(entry, value, side, trunca
     fixed = [[] if b == empty else r for b, r in enumerate(rows)]
     expected = pad_shift_mask(backend="torch", **dict(kw, **{"input_ids" if window == "tokens" else "labels": fixed}))
     given = {"offsets": bad} if window == "tokens" else {"label_offsets": bad}
-    args = _device_launch(kw, expected, "cuda", **given)
-    _cuda_launcher().launch(args)
-    _assert_written(args, kw, expected)
+    yield kw, expected, _device_launch(kw, expected, device, **given)
 
 
 @needs_gpu
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
 def test_prompt_lengths_are_clamped(truncation):
+    kw, ref, args = clamped_prompts_case(truncation, "cuda")
+    _cuda_launcher().launch(args)
+    _assert_written(args, kw, ref)
+
+
+def clamped_prompts_case(truncation, device):
+    """(op keyword arguments, expected outputs, DeviceLaunch on `device`) for test_prompt_lengths_are_clamped."""
     # Prompt lengths on the device are not checked either: below 0 they act as 0, past the row as the whole row.
     rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16]]
     untrusted = [-5, -(2**63), 2**63 - 1, 2**62]
     kw = _op_kwargs(rows, "right", truncation, "input_ids", [0, 0, 6, 3], 8 if truncation is None else 4)
     ref = pad_shift_mask(backend="torch", **kw)
-    args = _device_launch(kw, ref, "cuda", prompt_lengths=untrusted)
-    _cuda_launcher().launch(args)
-    _assert_written(args, kw, ref)
+    return kw, ref, _device_launch(kw, ref, device, prompt_lengths=untrusted)
 
 
 @needs_gpu
@@ -382,31 +402,56 @@ def test_library_exports_the_entry_point():
 
 @built
 def test_c_entry_point_refuses_bad_arguments_before_any_cuda_call():
-    lib = _cuda_launcher()._lib()
+    assert_refuses_bad_arguments(_cuda_launcher()._lib())
+
+
+def assert_refuses_bad_arguments(lib):
+    """The C entry point `lib.pyseqpack_psm_fill` (argtypes set) refuses every bad argument with
+    cudaErrorInvalidValue and accepts the calls that launch nothing; none of these calls may launch (no output
+    is requested, or the batch is empty), so none reads a buffer."""
     invalid = 1  # cudaErrorInvalidValue
     outs = (ctypes.c_void_p * 7)()
     word = ctypes.c_int64(0)
     addr = ctypes.addressof(word)
 
-    def call(B=1, L=4, Ll=4, offsets=addr, label_offsets=None, tokens_code=0, mask=None, mask_code=0, kind=0,
-             labels_code=0, n_extras=0, extras_code=0, out_code=0):
-        return lib.pyseqpack_psm_fill(offsets, label_offsets, None, B, L, Ll, -1, 0, 0, None, 0, tokens_code, mask,
-                                      mask_code, kind, None, 0, labels_code, outs, None, n_extras, extras_code, None,
-                                      None, 0, -100, 0, out_code, None)
+    def call(B=1, L=4, Ll=4, offsets=addr, label_offsets=None, tokens=None, n_tokens=0, tokens_code=0, mask=None,
+             mask_code=0, kind=0, labels=None, n_labels=0, labels_code=0, outs=outs, extras=None, n_extras=0,
+             extras_code=0, extra_pads=None, extras_out=None, out_code=0):
+        return lib.pyseqpack_psm_fill(offsets, label_offsets, None, B, L, Ll, -1, 0, 0, tokens, n_tokens, tokens_code,
+                                      mask, mask_code, kind, labels, n_labels, labels_code, outs, extras, n_extras,
+                                      extras_code, extra_pads, extras_out, 0, -100, 0, out_code, None)
 
     assert call() == 0  # nothing requested: nothing to launch
     assert call(kind=2, label_offsets=addr) == 0
     assert call(B=0, offsets=None) == 0  # an empty batch reads no offsets
+    assert call(L=65535 * 256, Ll=65535 * 256) == 0  # the widest row a grid holds
+    assert call(mask_code=3) == 0  # no loss masks: their code is not read
+    assert call(n_extras=0, extras_code=2) == 0  # no extras: their code is not read
+    assert call(n_extras=1, extra_pads=addr, L=0) == 0  # no tokens, no columns: extras and their output may be NULL
     assert call(B=-1) == invalid
+    assert call(B=2**31) == invalid  # more blocks than a grid holds
     assert call(L=-1) == invalid
     assert call(Ll=-1) == invalid
+    assert call(n_tokens=-1) == invalid
+    assert call(n_labels=-1) == invalid
+    assert call(n_extras=-1) == invalid
+    assert call(outs=None) == invalid
     assert call(kind=3) == invalid
+    assert call(kind=-1) == invalid
     assert call(tokens_code=2) == invalid  # uint8 tokens
     assert call(out_code=5) == invalid
+    assert call(out_code=2) == invalid  # uint8 outputs
     assert call(mask=addr, mask_code=3) == invalid
     assert call(kind=2, label_offsets=addr, labels_code=2) == invalid  # uint8 labels
     assert call(n_extras=1) == invalid  # extras without buffers
+    assert call(n_extras=1, extra_pads=addr, extras=addr, extras_out=addr, n_tokens=1, tokens=addr,
+                extras_code=2) == invalid  # uint8 extras
+    assert call(n_extras=1, extra_pads=addr, n_tokens=1, tokens=addr, extras_out=addr) == invalid  # extras NULL
+    assert call(n_extras=1, extra_pads=addr, n_tokens=1, tokens=addr, extras=addr) == invalid  # extras_out NULL
+    assert call(n_tokens=1) == invalid  # tokens NULL
+    assert call(kind=2, label_offsets=addr, n_labels=1) == invalid  # labels NULL
     assert call(L=65535 * 256 + 1) == invalid  # more column tiles than a grid holds
+    assert call(kind=2, label_offsets=addr, Ll=65535 * 256 + 1) == invalid
     assert call(offsets=None) == invalid
     assert call(kind=2) == invalid  # separate labels without their offsets
     assert call(kind=1, Ll=5) == invalid  # derived labels share the token columns
