@@ -850,8 +850,6 @@ _TRITON_BROKEN: list = []  # the first Triton launch failure under backend="auto
 
 
 def _select_backend(backend: str, device: torch.device) -> str:
-    if (backend == "cpu" or backend == "auto") and device.type == "cpu" and _native.cpu_module_or_none() is not None:
-        return "cpu"  # the collation hot path, decided in one test
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
