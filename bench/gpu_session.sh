@@ -70,16 +70,21 @@ tests)
     for f in "$REPO"/tests/test_*.py; do
         [[ " ${gpu_files[*]} " == *" $(basename "$f") "* ]] || rest+=("$f")
     done
-    timeout 120 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" --maxfail=30 \
+    timeout 200 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" --maxfail=30 \
         "${rest[@]}" 2>&1 | tee "$OUT/tests-rest.log" | tail -30
     ;;
 sanitize)
     # memcheck and racecheck on the native CUDA kernels (the Triton ones are checked by the parity tests).
+    # Left out: the >2^31-offset cases (too slow instrumented) and the kernel-selection tests (they read kernel
+    # names from torch's profiler, which gets no events under the sanitizer). racecheck skips torch's own
+    # kernels (at::native reductions used by the tests, whose shared-memory patterns it reports).
     cd /tmp
     for tool in memcheck racecheck; do
-        timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 9 --target-processes all \
+        filter=()
+        [ "$tool" = racecheck ] && filter=(--kernel-name-exclude kns=native)
+        timeout 240 compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 --target-processes all \
             pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" \
-            "$REPO/tests/test_pad_shift_mask_cuda.py" "$REPO/tests/test_cross_entropy_cuda.py" -k "not 2_pow_31" \
+            "$REPO/tests/test_pad_shift_mask_cuda.py" "$REPO/tests/test_cross_entropy_cuda.py" -k "not 2_pow_31 and not kernel_selection" \
             2>&1 | tail -40 | tee "$OUT/sanitize-$tool.log"
         echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize-$tool.log"
     done

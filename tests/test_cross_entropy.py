@@ -8,8 +8,8 @@ as the kernels (upcast to fp32), so:
   half-ulp relative step with margin. In addition ``test_grad_error_at_most_2x_torch`` checks the flash-attention
   rule: our gradient error vs the fp32 reference is at most 2x that of torch's own computation in the dtype.
 
-Backends: "torch" (the CPU path), "triton" (on CPU tensors through TRITON_INTERPRET=1, set by conftest), "cuda"
-(the other engineer's kernels; only with a GPU). Shapes are small because the Triton interpreter runs each
+Backends: "torch" (the CPU path), "triton" (on the GPU when there is one, else on CPU tensors through
+TRITON_INTERPRET=1, set by conftest: see devices.py), "cuda" (only with a GPU). Shapes are small because the Triton interpreter runs each
 program in numpy; the vocabulary sizes of real models (151936, 256000) run with 2 rows.
 
 The row-kernel contract that both native backends implement is tested directly in ``test_contract_*``.
@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import pyseqpack
 from pyseqpack import _native
 from pyseqpack.cross_entropy import CrossEntropyOutput, fused_cross_entropy
+
+from devices import TRITON_DEVICE, device_for
 
 # the module (``pyseqpack.cross_entropy`` the attribute is the drop-in function)
 ce_mod = importlib.import_module("pyseqpack.cross_entropy")
@@ -51,10 +53,6 @@ GRAD_TOL = {
     torch.bfloat16: dict(rtol=2**-6, atol=1e-6),
     torch.float16: dict(rtol=2**-9, atol=2**-20),
 }
-
-
-def device_for(backend):
-    return torch.device("cuda" if backend == "cuda" else "cpu")
 
 
 def reference(logits, labels, *, ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
@@ -290,9 +288,10 @@ def test_grad_error_at_most_2x_torch(dtype):
     theirs = logits.clone().requires_grad_(True)
     F.cross_entropy(theirs, labels).backward()
     for backend in ("torch", "triton"):
-        ours = logits.clone().requires_grad_(True)
-        fused_cross_entropy(ours, labels, backend=backend).loss.backward()
-        err_ours = (ours.grad.float() - exact.grad).abs().max()
+        dev = device_for(backend)
+        ours = logits.to(dev, copy=True).requires_grad_(True)
+        fused_cross_entropy(ours, labels.to(dev), backend=backend).loss.backward()
+        err_ours = (ours.grad.float().cpu() - exact.grad).abs().max()
         err_torch = (theirs.grad.float() - exact.grad).abs().max()
         assert err_ours <= 2 * err_torch, (backend, float(err_ours), float(err_torch))
 
@@ -324,19 +323,19 @@ def test_second_backward_raises():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _lm_head(seed=0, v=33, dtype=torch.float32):
+def _lm_head(seed=0, v=33, dtype=torch.float32, device="cpu"):
     torch.manual_seed(seed)
     head = torch.nn.Linear(8, v).to(dtype)
     hidden = torch.randn(2, 5, 8, dtype=dtype)
     labels = torch.randint(0, v, (2, 5))
     labels[0, :2] = -100
-    return head, hidden, labels
+    return head.to(device), hidden.to(device), labels.to(device)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_inplace_backward_same_gradients(dtype, backend):
-    head, hidden, labels = _lm_head(dtype=dtype)
+    head, hidden, labels = _lm_head(dtype=dtype, device=device_for(backend))
     grads = []
     for inplace in (False, True):
         head.zero_grad()
@@ -602,7 +601,7 @@ def test_auto_falls_back_on_launch_error(monkeypatch):
     monkeypatch.setattr(ce_mod, "_candidates", lambda backend, device: ["triton", "torch"] if backend == "auto"
                         else [backend])
     ce_mod._warn_fallback.cache_clear()
-    logits, labels = make_inputs((2, 3), 17, torch.float32, "cpu")
+    logits, labels = make_inputs((2, 3), 17, torch.float32, TRITON_DEVICE)
     with pytest.warns(RuntimeWarning, match="simulated launch failure"):
         out = fused_cross_entropy(logits, labels)
     torch.testing.assert_close(out.loss, reference(logits, labels)[0], **LOSS_TOL)

@@ -12,6 +12,8 @@ import torch
 from pyseqpack.cross_entropy import cross_entropy, fused_cross_entropy
 from pyseqpack.nn import CrossEntropyLoss
 
+from devices import device_for
+
 OPS = torch.ops.pyseqpack  # registered by importing pyseqpack.cross_entropy
 
 # opcheck's internals use torch.jit.script_method, deprecated in this torch
@@ -20,10 +22,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 
 def _args(backend, requires_grad, compute_grad, with_accuracy=True, n=5, v=11):
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(n, v, generator=gen).requires_grad_(requires_grad)
-    labels = torch.randint(0, v, (n,), generator=gen)
+    dev = device_for(backend)
+    logits = torch.randn(n, v, generator=gen).to(dev).requires_grad_(requires_grad)
+    labels = torch.randint(0, v, (n,), generator=gen).to(dev)
     labels[2] = -100
-    scale = torch.tensor([0.25])
+    scale = torch.tensor([0.25], device=dev)
     return (logits, labels, scale, None, None, -100, 0.1, 1e-2, 3.0, compute_grad, with_accuracy, backend)
 
 
@@ -46,21 +49,23 @@ def test_opcheck_inplace_and_scale(backend, with_accuracy):
     logits, labels, scale, *_ = _args(backend, False, True)
     torch.library.opcheck(OPS.cross_entropy_fwd_bwd_inplace.default,
                           (logits, labels, scale, None, -100, 0.1, 1e-2, 3.0, with_accuracy, backend))
-    row_weight = torch.rand(5)
+    dev = device_for(backend)
+    row_weight = torch.rand(5, device=dev)
     torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default,
                           (logits, labels, scale, row_weight, None, -100, 0.0, 0.0, 0.0, False, with_accuracy,
                            backend))
-    torch.library.opcheck(OPS.cross_entropy_scale_grad_.default, (torch.randn(5, 11), torch.randn(5), backend))
-    torch.library.opcheck(OPS.cross_entropy_scale_grad_.default, (torch.randn(2, 3, 11), torch.randn(1), backend))
+    for grad_shape, scale_shape in (((5, 11), (5,)), ((2, 3, 11), (1,))):
+        torch.library.opcheck(OPS.cross_entropy_scale_grad_.default,
+                              (torch.randn(grad_shape, device=dev), torch.randn(scale_shape, device=dev), backend))
 
 
-def _model(seed=0, v=29):
+def _model(seed=0, v=29, device="cpu"):
     torch.manual_seed(seed)
     head = torch.nn.Linear(8, v)
     hidden = torch.randn(2, 6, 8)
     labels = torch.randint(0, v, (2, 6))
     labels[0, :3] = -100
-    return head, hidden, labels
+    return head.to(device), hidden.to(device), labels.to(device)
 
 
 def _eager_vs_compiled(step, head, *inputs):
@@ -81,7 +86,7 @@ def _eager_vs_compiled(step, head, *inputs):
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_compile_fused_training_step(backend):
     torch._dynamo.reset()
-    head, hidden, labels = _model()
+    head, hidden, labels = _model(device=device_for(backend))
 
     def step(hidden, labels):
         out = fused_cross_entropy(head(hidden), labels, shift=True, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,

@@ -7,8 +7,8 @@ we compute in fp32 and round at the end, so the two differ by a few units in the
 against torch in fp32 and require our error to be at most 2x torch's own, plus the conversions of our result
 into the dtype (see ROUNDING).
 
-The fused path is checked on the torch backend and, by forcing "auto" to pick it, on the Triton kernel (CPU
-tensors through the interpreter), so class weights (a per-row factor on the kernel's loss and gradient) are
+The fused path is checked on the torch backend and, by forcing "auto" to pick it, on the Triton kernel (on the
+GPU when there is one, else CPU tensors through the interpreter: devices.py), so class weights (a per-row factor on the kernel's loss and gradient) are
 exercised on a kernel too.
 """
 import importlib
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 import pyseqpack
 from pyseqpack.cross_entropy import cross_entropy, fused_cross_entropy
 from pyseqpack.nn import CrossEntropyLoss, FusedCrossEntropyLoss
+
+from devices import device_for
 
 ce_mod = importlib.import_module("pyseqpack.cross_entropy")
 
@@ -33,20 +35,20 @@ ROUNDING = {torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
 
 @pytest.fixture(params=["torch", "triton"])
 def auto_backend(request, monkeypatch):
-    """Make backend="auto" (what the drop-ins use) resolve to the given backend on CPU tensors."""
+    """Make backend="auto" (what the drop-ins use) resolve to the given backend; inputs go on its test device."""
     monkeypatch.setattr(ce_mod, "_candidates", lambda backend, device: [request.param] if backend == "auto"
                         else [backend])
     return request.param
 
 
-def inputs(n, c, dtype, *, seed=0, ignore=True, weight=False):
+def inputs(n, c, dtype, *, seed=0, ignore=True, weight=False, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(n, c, generator=gen) * 2).to(dtype)
     t = torch.randint(0, c, (n,), generator=gen)
     if ignore:
         t[::3] = -100
     w = (torch.rand(c, generator=gen) + 0.1).to(dtype) if weight else None
-    return x, t, w
+    return x.to(device), t.to(device), None if w is None else w.to(device)
 
 
 def both(fn_ours, fn_torch, x, *args, grad_seed=1, **kwargs):
@@ -55,7 +57,7 @@ def both(fn_ours, fn_torch, x, *args, grad_seed=1, **kwargs):
     for fn in (fn_ours, fn_torch):
         xi = x.detach().clone().requires_grad_(True)
         out = fn(xi, *args, **kwargs)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.dtype)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)).to(out.device, out.dtype)
         out.backward(g)
         results.append((out.detach(), xi.grad))
     return results
@@ -79,7 +81,7 @@ def assert_matches_torch(ours, theirs, exact, dtype):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
 def test_functional_matches_torch(weighted, label_smoothing, reduction, dtype, auto_backend):
-    x, t, w = inputs(10, 23, dtype, weight=weighted)
+    x, t, w = inputs(10, 23, dtype, weight=weighted, device=device_for(auto_backend))
     kw = dict(weight=w, reduction=reduction, label_smoothing=label_smoothing)
     ours, theirs = both(cross_entropy, F.cross_entropy, x, t, **kw)
     exact = both(F.cross_entropy, F.cross_entropy, x.float(), t, weight=None if w is None else w.float(),
@@ -90,15 +92,15 @@ def test_functional_matches_torch(weighted, label_smoothing, reduction, dtype, a
 @pytest.mark.parametrize("weighted", [False, True], ids=["no_weight", "weight"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_mean_over_zero_valid_targets_is_nan_like_torch(label_smoothing, weighted, auto_backend):
-    x, _, w = inputs(4, 7, torch.float32, weight=weighted)
-    t = torch.full((4,), -100)
+    x, _, w = inputs(4, 7, torch.float32, weight=weighted, device=device_for(auto_backend))
+    t = torch.full((4,), -100, device=x.device)
     ours, theirs = both(cross_entropy, F.cross_entropy, x, t, weight=w, label_smoothing=label_smoothing)
     assert torch.isnan(ours[0]) and torch.isnan(theirs[0])
     assert torch.equal(ours[1], theirs[1])  # torch's gradient there: zeros
 
 
 def test_custom_ignore_index_and_single_sample(auto_backend):
-    x, t, _ = inputs(6, 5, torch.float32, ignore=False)
+    x, t, _ = inputs(6, 5, torch.float32, ignore=False, device=device_for(auto_backend))
     ours, theirs = both(cross_entropy, F.cross_entropy, x, t, ignore_index=2, label_smoothing=0.2)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # [C] input with a 0-dim target, every reduction
@@ -167,7 +169,7 @@ def test_out_of_range_target_raises_index_error():
 
 
 def test_inputs_not_mutated(auto_backend):
-    x, t, w = inputs(5, 9, torch.bfloat16, weight=True)
+    x, t, w = inputs(5, 9, torch.bfloat16, weight=True, device=device_for(auto_backend))
     x.requires_grad_(True)
     before = (x.detach().clone(), t.clone(), w.clone())
     cross_entropy(x, t, w, label_smoothing=0.1).backward()
@@ -177,7 +179,7 @@ def test_inputs_not_mutated(auto_backend):
 def test_dropins_skip_the_argmax(monkeypatch, auto_backend):
     """The drop-ins return no accuracy, so they call the backend with correct=None (the kernels' loss-only
     variant); fused_cross_entropy, whose output has the counts, passes a correct buffer."""
-    mod = ce_mod._backend_module(auto_backend, torch.device("cpu"))
+    mod = ce_mod._backend_module(auto_backend, device_for(auto_backend))
     real = mod.fwd_bwd
     loss_only = []
 
@@ -186,7 +188,7 @@ def test_dropins_skip_the_argmax(monkeypatch, auto_backend):
         return real(logits, labels, loss, lse, correct, *args, **kwargs)
 
     monkeypatch.setattr(mod, "fwd_bwd", spy)
-    x, t, _ = inputs(6, 9, torch.float32)
+    x, t, _ = inputs(6, 9, torch.float32, device=device_for(auto_backend))
     x.requires_grad_(True)
     cross_entropy(x, t, label_smoothing=0.1).backward()
     CrossEntropyLoss(reduction="sum")(x, t).backward()
@@ -212,7 +214,7 @@ def test_dropins_skip_the_argmax(monkeypatch, auto_backend):
     ids=["default", "sum_ignore4", "none_smooth", "weight_smooth", "legacy_size_average"],
 )
 def test_module_matches_torch(ctor, auto_backend):
-    x, t, w = inputs(9, 8, torch.float32, weight=True)
+    x, t, w = inputs(9, 8, torch.float32, weight=True, device=device_for(auto_backend))
     t[t == -100] = ctor.get("ignore_index", -100)
     kwargs = {k: (w if v == "w" else v) for k, v in ctor.items()}
     ours_mod, torch_mod = CrossEntropyLoss(**kwargs), torch.nn.CrossEntropyLoss(**kwargs)

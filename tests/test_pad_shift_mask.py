@@ -251,7 +251,7 @@ def call_forms(rows, form, *, loss_masks=None, extras=None, device=CPU, **kw):
         loss_masks = as_form(loss_masks, form, device)[0]
     if extras is not None:
         extras = {k: (as_form(v, form, device)[0], pad) for k, (v, pad) in extras.items()}
-    return pad_shift_mask(value, offsets=offsets, loss_masks=loss_masks, extras=extras, **kw)
+    return pad_shift_mask(value, offsets=offsets, loss_masks=loss_masks, extras=extras, device=device, **kw)
 
 
 FULL = dict(labels="input_ids", prompt_lengths=[1, 0, 3, 2], loss_masks=[[1, 1, 0, 1], [1], [], [1] * 7],
