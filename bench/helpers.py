@@ -82,6 +82,23 @@ def _peak_memory_bytes(fn, device: torch.device, reset):
     return int(torch.cuda.max_memory_allocated(device) - before)
 
 
+def kernel_device_us(fn, kernel: str, reps: int = 50) -> float:
+    """GPU time of one call's kernels whose name contains `kernel`, in microseconds: the mean over `reps` calls
+    of the durations torch's profiler (CUPTI) records on the device. Unlike the wall-clock median, it leaves out
+    the host (Python, launch latency, the synchronize), i.e. what the kernel itself costs the GPU's stream."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if kernel in e.key]
+    if not events:
+        raise RuntimeError(f"the profiler recorded no kernel named like {kernel!r}")
+    total = sum(getattr(e, "device_time_total", None) or e.cuda_time_total for e in events)
+    return total / reps
+
+
 def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict, reset=None):
     """Time ``fn()`` with pytest-benchmark and record bytes, GB/s and peak memory in extra_info.
 

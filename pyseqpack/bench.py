@@ -157,6 +157,8 @@ def _goal(row: dict, g: dict, reference, group: list) -> dict:
 
     kinds: "speedup_at_least" (value, optional target): speedup over the baseline >= value;
            "median_below_us" (value): median time below value microseconds;
+           "device_time_below_us" (value): the kernel's GPU time (info["device_us"], from the profiler) below
+                                           value microseconds;
            "gbps_at_least" (value): effective GB/s >= value;
            "faster_than" (impl, value): the median of row `impl` of the same group / this median >= value;
            "overhead_at_most" (impl, value): this median / the median of row `impl` - 1 <= value (a fraction);
@@ -174,6 +176,11 @@ def _goal(row: dict, g: dict, reference, group: list) -> dict:
         out["measured"] = f"{us:.1f} us"
         out["wanted"] = f"< {g['value']} us"
         out["met"] = us < g["value"]
+    elif g["kind"] == "device_time_below_us":
+        us = row["info"].get("device_us")
+        out["measured"] = None if us is None else f"{us:.1f} us of GPU time"
+        out["wanted"] = f"< {g['value']} us"
+        out["met"] = None if us is None else us < g["value"]
     elif g["kind"] == "gbps_at_least":
         out["measured"] = None if row["gbps"] is None else f"{row['gbps']:.0f} GB/s"
         out["wanted"] = f">= {g['value']} GB/s"

@@ -30,6 +30,9 @@ def _raw():
             _bench("g1", "memcpy", "reference", 1e-4, nbytes=10**6),
             _bench("g2", "kernel", "ours", 4e-5, nbytes=None, max_len=4096, input="flat",
                    goal={"kind": "median_below_us", "value": 50}),
+            _bench("g2", "launch", "ours", 6e-5, nbytes=None, max_len=4096, input="flat", device_us=12.5,
+                   goal=[{"kind": "median_below_us", "value": 50, "label": "wall"},
+                         {"kind": "device_time_below_us", "value": 20, "label": "gpu"}]),
             _bench("ce1", "eager", "baseline", 0.3, nbytes=4 * 10**9, suite="ce", vocab=32000, tokens=512,
                    dtype="fp32"),
             _bench("ce1", "fused", "ours", 0.1, nbytes=4 * 10**9, suite="ce", vocab=32000, tokens=512,
@@ -60,6 +63,9 @@ def test_summary_speedup_gbps_and_goals():
     goals = {g["impl"]: g for g in s["goals"]}
     assert goals["ours"]["met"] is False  # 4x < 20x
     assert goals["kernel"]["met"] is True  # 40 us < 50 us
+    launch = {g["goal"]: g for g in s["goals"] if g["impl"] == "launch"}
+    assert launch["wall"]["met"] is False  # 60 us of wall clock
+    assert launch["gpu"]["met"] is True and launch["gpu"]["measured"] == "12.5 us of GPU time"  # 12.5 < 20
     # a list of goals on one row, each judged on its own
     fused = {g["goal"]: g for g in s["goals"] if g["impl"] == "fused"}
     assert fused["bandwidth"]["met"] is False  # 40 GB/s < 50
