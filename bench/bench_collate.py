@@ -14,7 +14,12 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
       that returns new tensors does (the output allocations are a fixed ~1.5 us each on a CPU)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
-  its automatic choice (one thread per 2^18 output elements) is one thread at these shapes.
+  its automatic choice (one thread per 2^18 output elements, at most one per core) is one thread at the small
+  shapes, and up to 3 at the large numpy-only shape B=64 x 2048-4096.
+  That large shape writes 6 MB per batch. glibc's malloc serves blocks that big with fresh mmaps and returns them
+  when freed, so every collator that returns new tensors (transformers', the clone row, pyseqpack) pays a page
+  fault per 4 KB written, every call, unless the process keeps freed memory (MALLOC_MMAP_THRESHOLD_ and
+  MALLOC_TRIM_THRESHOLD_, recorded in the report when set). Compare the pyseqpack rows with the clone row there.
 * ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
@@ -48,6 +53,9 @@ SHAPES = {
     "quick": [(32, 64, 512), (8, 2048, 4096)],
     "smoke": [(4, 8, 32)],
 }
+# A large batch, numpy inputs only (lists of that size are the small shapes' story, only slower): 6 MB of
+# output, where a fresh tensor per output costs page faults on every call under glibc's default malloc.
+NUMPY_ONLY_SHAPES = {"full": [(64, 2048, 4096)], "quick": [(64, 2048, 4096)], "smoke": []}
 FLAT_SHAPES = {"full": [(64, 1024, 4096)], "quick": [(64, 1024, 4096)], "smoke": [(4, 8, 32)]}
 KINDS = ["list", "numpy"]
 KEYS = ("input_ids", "attention_mask", "labels")
@@ -154,8 +162,10 @@ IMPLS = {
 def pytest_generate_tests(metafunc):
     mode = metafunc.config.getoption("--bench-mode")
     if "collate_shape" in metafunc.fixturenames:
-        shapes = SHAPES[mode]
-        metafunc.parametrize("collate_shape", shapes, ids=[f"B{b}-len{lo}-{hi}" for b, lo, hi in shapes])
+        cases = [(k, shape) for k in KINDS for shape in SHAPES[mode]]
+        cases += [("numpy", shape) for shape in NUMPY_ONLY_SHAPES[mode]]
+        metafunc.parametrize("kind,collate_shape", cases,
+                             ids=[f"{k}-B{b}-len{lo}-{hi}" for k, (b, lo, hi) in cases])
     if "flat_shape" in metafunc.fixturenames:
         shapes = FLAT_SHAPES[mode]
         metafunc.parametrize("flat_shape", shapes, ids=[f"B{b}-len{lo}-{hi}" for b, lo, hi in shapes])
@@ -167,7 +177,6 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("kind", KINDS)
 def test_collate(benchmark, bench_cfg, tokenizer, kind, collate_shape, impl):
     batch, lo, hi = collate_shape
     label, role, build = IMPLS[impl]

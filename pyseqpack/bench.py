@@ -91,6 +91,9 @@ def environment(device=None) -> dict:
         # Other work on the machine skews CPU timings: the 1/5/15-minute load averages when this was written.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
+        # glibc's malloc settings change CPU collation timings at large batches (fresh big tensors are mmapped
+        # and page-faulted on every call unless these keep freed memory for reuse): recorded when set.
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -237,6 +240,8 @@ def render_markdown(summary: dict, plot_name=None) -> str:
     for key, when in (("load_average_start", "start"), ("load_average", "end")):
         if meta.get(key):
             lines.append(f"- load average at the {when} (1/5/15 min): " + " / ".join(f"{x:.2f}" for x in meta[key]))
+    if meta.get("malloc_env"):
+        lines.append("- malloc environment: " + ", ".join(f"{k}={v}" for k, v in meta["malloc_env"].items()))
     vers = meta.get("versions") or {}
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in vers.items() if v))
     lines.append("")
