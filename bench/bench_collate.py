@@ -16,10 +16,11 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
   its automatic choice (one thread per 2^18 output elements, at most one per core) is one thread at the small
   shapes, and up to 3 at the large numpy-only shape B=64 x 2048-4096.
-  That large shape writes 6 MB per batch. glibc's malloc serves blocks that big with fresh mmaps and returns them
-  when freed, so every collator that returns new tensors (transformers', the clone row, pyseqpack) pays a page
-  fault per 4 KB written, every call, unless the process keeps freed memory (MALLOC_MMAP_THRESHOLD_ and
-  MALLOC_TRIM_THRESHOLD_, recorded in the report when set). Compare the pyseqpack rows with the clone row there.
+  That large shape writes 6 MB per batch. Whether fresh outputs that big cost page faults on every call depends
+  on the process's heap under glibc's malloc (freed big blocks may go back to the OS and be faulted in again:
+  a small fresh process cloning three 2 MB tensors in a loop faulted every time; this benchmark's process, whose
+  heap the other cases have grown, does not). MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ keep freed memory for reuse, and the
+  report records them when set. The clone row shows what any collator returning new tensors pays.
 * ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +

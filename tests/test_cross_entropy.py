@@ -9,8 +9,9 @@ as the kernels (upcast to fp32), so:
   rule: our gradient error vs the fp32 reference is at most 2x that of torch's own computation in the dtype.
 
 Backends: "torch" (the CPU path), "triton" (on the GPU when there is one, else on CPU tensors through
-TRITON_INTERPRET=1, set by conftest: see devices.py), "cuda" (only with a GPU). Shapes are small because the Triton interpreter runs each
-program in numpy; the vocabulary sizes of real models (151936, 256000) run with 2 rows.
+TRITON_INTERPRET=1, set by conftest: see devices.py), "cuda" (only with a GPU). Shapes are small because the
+Triton interpreter runs each program in numpy; the vocabulary sizes of real models (151936, 256000) run with 2
+rows.
 
 The row-kernel contract that both native backends implement is tested directly in ``test_contract_*``.
 """

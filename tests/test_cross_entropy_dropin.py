@@ -8,8 +8,8 @@ against torch in fp32 and require our error to be at most 2x torch's own, plus t
 into the dtype (see ROUNDING).
 
 The fused path is checked on the torch backend and, by forcing "auto" to pick it, on the Triton kernel (on the
-GPU when there is one, else CPU tensors through the interpreter: devices.py), so class weights (a per-row factor on the kernel's loss and gradient) are
-exercised on a kernel too.
+GPU when there is one, else CPU tensors through the interpreter: devices.py), so class weights (a per-row factor
+on the kernel's loss and gradient) are exercised on a kernel too.
 """
 import importlib
 
