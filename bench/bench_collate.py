@@ -19,8 +19,9 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
   That large shape writes 6 MB per batch. Whether fresh outputs that big cost page faults on every call depends
   on the process's heap under glibc's malloc (freed big blocks may go back to the OS and be faulted in again:
   a small fresh process cloning three 2 MB tensors in a loop faulted every time; this benchmark's process, whose
-  heap the other cases have grown, does not). MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ keep freed memory for reuse, and the
-  report records them when set. The clone row shows what any collator returning new tensors pays.
+  heap the other cases have grown, does not). MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ keep freed memory
+  for reuse, and the report records them when set. The clone row shows what any collator returning new tensors
+  pays.
 * ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
@@ -55,7 +56,7 @@ SHAPES = {
     "smoke": [(4, 8, 32)],
 }
 # A large batch, numpy inputs only (lists of that size are the small shapes' story, only slower): 6 MB of
-# output, where a fresh tensor per output costs page faults on every call under glibc's default malloc.
+# output, where the fixed cost per call fades (and where fresh outputs may page-fault: see the docstring).
 NUMPY_ONLY_SHAPES = {"full": [(64, 2048, 4096)], "quick": [(64, 2048, 4096)], "smoke": []}
 FLAT_SHAPES = {"full": [(64, 1024, 4096)], "quick": [(64, 1024, 4096)], "smoke": [(4, 8, 32)]}
 KINDS = ["list", "numpy"]

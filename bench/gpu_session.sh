@@ -87,7 +87,8 @@ sanitize)
         [ "$tool" = racecheck ] && filter=(--kernel-name-exclude kns=native)
         timeout 240 compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 --target-processes all \
             pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" \
-            "$REPO/tests/test_pad_shift_mask_cuda.py" "$REPO/tests/test_cross_entropy_cuda.py" -k "not 2_pow_31 and not kernel_selection" \
+            "$REPO/tests/test_pad_shift_mask_cuda.py" "$REPO/tests/test_cross_entropy_cuda.py" \
+            -k "not 2_pow_31 and not kernel_selection" \
             2>&1 | tail -40 | tee "$OUT/sanitize-$tool.log"
         echo "compute-sanitizer $tool exit: ${PIPESTATUS[0]}" | tee -a "$OUT/sanitize-$tool.log"
     done

@@ -91,8 +91,8 @@ def environment(device=None) -> dict:
         # Other work on the machine skews CPU timings: the 1/5/15-minute load averages when this was written.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "platform": platform.platform(),
-        # glibc's malloc settings change CPU collation timings at large batches (fresh big tensors are mmapped
-        # and page-faulted on every call unless these keep freed memory for reuse): recorded when set.
+        # glibc's malloc settings can change CPU collation timings at large batches (freed big tensors may go
+        # back to the OS and be page-faulted in again on the next call; these keep them): recorded when set.
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "versions": versions,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

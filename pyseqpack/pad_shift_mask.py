@@ -668,7 +668,7 @@ def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Opti
     tokens, tok_offsets = _cpu_source(src)
     labels, lab_offsets = _cpu_source(lab) if lab is not None else (None, None)
     mask_obj = _cpu_source(masks)[0] if masks is not None else None
-    if prompt is not None and isinstance(prompt, torch.Tensor):
+    if isinstance(prompt, torch.Tensor):
         prompt = prompt.cpu().numpy()
     addr = [0] * len(OUTPUT_KEYS)  # the C slots, in the order of OUTPUT_KEYS; 0 = not requested
     for key, _, slot in want:

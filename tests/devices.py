@@ -8,7 +8,6 @@ import torch
 
 from pyseqpack import _native
 
-HAS_GPU = torch.cuda.is_available()
 TRITON_DEVICE = torch.device("cpu" if _native.triton_available("cpu") else "cuda")
 
 
