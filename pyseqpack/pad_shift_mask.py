@@ -465,23 +465,39 @@ def _check_fits(seqs: _Seqs, length: int, opts: _Options, what: str):
                      "truncation=True to cut it, or a larger max_length")
 
 
+def _fitted_width(opts: _Options, longest: int, shortest: int = -1) -> int:
+    """The padded width for rows of these extreme lengths (before truncation), or -1 when a length rule fails:
+    the longest kept row does not fit (padding="max_length" without truncation), or a row needs padding but
+    pad_token_id is None (pass shortest = -1 to skip that rule, as labels do). Callers find the row and raise."""
+    if opts.truncation:
+        longest, shortest = min(longest, opts.max_length), min(shortest, opts.max_length)
+    L = opts.max_length if opts.padding == "max_length" else longest  # opts.padded_length, inlined (hot path)
+    m = opts.pad_to_multiple_of
+    if m:
+        L = -(-L // m) * m
+    if longest > L or (opts.pad_token_id is None and 0 <= shortest < L):
+        return -1
+    return L
+
+
 def _host_widths(src: _Seqs, lab: Optional[_Seqs], opts: _Options, kind: int) -> _Widths:
     """L and Ll from host lengths, checking every length rule (rows too long, a pad token needed but missing)."""
-    longest, shortest = _kept_extent(src, opts)
-    L = opts.padded_length(longest)
-    if longest > L:
-        _check_fits(src, L, opts, "tokens")
-    if opts.pad_token_id is None and shortest < L:
+    longest, shortest = src.extent or (int(src.lengths.max()), int(src.lengths.min()))
+    L = _fitted_width(opts, longest, shortest)
+    if L < 0:
+        longest = _kept_extent(src, opts)[0]
+        L = opts.padded_length(longest)
+        if longest > L:
+            _check_fits(src, L, opts, "tokens")
         kept = _kept(src.lengths, opts)
         b = int(np.flatnonzero(kept < L)[0])
         raise ValueError(f"pad_token_id is None but input_ids[{b}] needs padding ({kept[b]} tokens, padded "
                          f"length {L}); pass pad_token_id")
     Ll = L
     if kind == LABELS_GIVEN:
-        longest = _kept_extent(lab, opts)[0]
-        Ll = opts.padded_length(longest)
-        if longest > Ll:
-            _check_fits(lab, Ll, opts, "labels")
+        Ll = _fitted_width(opts, lab.extent[0] if lab.extent else int(lab.lengths.max()))
+        if Ll < 0:
+            _check_fits(lab, opts.padded_length(_kept_extent(lab, opts)[0]), opts, "labels")
     return _Widths(L, Ll)
 
 
@@ -663,23 +679,92 @@ def _cpu_source(seqs: _Seqs):
     return flat, seqs.offsets
 
 
-def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Options, outs: dict, want: tuple,
-             num_threads) -> None:
+def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Options, want: tuple,
+             num_threads) -> dict:
     tokens, tok_offsets = _cpu_source(src)
     labels, lab_offsets = _cpu_source(lab) if lab is not None else (None, None)
     mask_obj = _cpu_source(masks)[0] if masks is not None else None
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.cpu().numpy()
+    extra_args = tuple([(name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items()])
+    return _cpu_fill(_native.cpu_module(), src.B, widths.L, widths.Ll, opts, want, tokens, tok_offsets, kind, labels,
+                     lab_offsets, prompt, mask_obj, extra_args, num_threads)
+
+
+def _cpu_fill(cpu, B: int, L: int, Ll: int, opts: _Options, want: tuple, tokens, tok_offsets, kind: int, labels,
+              lab_offsets, prompt, mask_obj, extra_args: tuple, num_threads) -> dict:
+    """Allocates the requested outputs ([B, L] or [B, Ll]) and the extras' ([B, L]), then one psm_fill writes
+    them all. Sizes go to torch.empty as separate ints: parsed about 0.5 us faster than a tuple."""
+    outs = {}
     addr = [0] * len(OUTPUT_KEYS)  # the C slots, in the order of OUTPUT_KEYS; 0 = not requested
-    for key, _, slot in want:
-        addr[slot] = outs[key].data_ptr()
-    extra_args = extra_addr = ()
+    for key, label_width, slot in want:
+        out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=opts.dtype)
+        addr[slot] = out.data_ptr()
+    extra_addr = []
+    for name, _, _ in extra_args:
+        out = outs[name] = torch.empty(B, L, dtype=opts.dtype)
+        extra_addr.append(out.data_ptr())
+    cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, kind, labels, lab_offsets, prompt, mask_obj,
+                 extra_args, tuple(addr), tuple(extra_addr), *opts.fills, num_threads or 0)
+    return outs
+
+
+def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position, shift, num_threads):
+    """The collation hot path, with nothing but the C++ calls and the allocations in between: rows (lists,
+    tuples, 1-D integer buffers) of input_ids, labels None / "input_ids" / rows, extras as rows, no offsets,
+    prompts or loss masks, CPU outputs (the caller checked those arguments).
+
+    Returns None for anything else, or when any rule of the general path would fail (a labels rule, a length
+    rule, a field not shaped like input_ids, a tensor row...): the general path then runs and computes the
+    same outputs or raises its error. Rows that are not sequences at all raise here, with the general path's
+    message (psm_row_lengths is its own measuring call); bad values raise from psm_fill, as there."""
+    cpu = _native.cpu_module_or_none()
+    if cpu is None or type(input_ids) not in (list, tuple) or not input_ids:
+        return None
+    if labels is None:
+        if shift or opts.decoder_start_token_id is not None:
+            return None
+        kind = LABELS_NONE
+    elif type(labels) in (list, tuple):
+        kind = LABELS_GIVEN
+    elif isinstance(labels, str) and labels == "input_ids":
+        kind = LABELS_DERIVED
+    else:
+        return None
+    if kind != LABELS_NONE and opts.label_pad_token_id is None:
+        return None
+    if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
+        return None
+
+    lengths, other, longest, shortest, tokens = cpu.psm_row_lengths(input_ids, "input_ids")
+    L = -1 if other else _fitted_width(opts, longest, shortest)
+    if L < 0:
+        return None
+    B, Ll, lab_rows = len(input_ids), L, None
+    if kind == LABELS_GIVEN:
+        _, other, longest, _, lab_rows = cpu.psm_row_lengths(labels, "labels")
+        Ll = -1 if other or len(labels) != B else _fitted_width(opts, longest)
+        if Ll < 0:
+            return None
+    extra_args = ()
     if extras:
-        extra_args = tuple([(name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items()])
-        extra_addr = tuple([outs[name].data_ptr() for name in extras])
-    _native.cpu_module().psm_fill(src.B, widths.L, widths.Ll, *opts.layout, tokens, tok_offsets, kind, labels,
-                                  lab_offsets, prompt, mask_obj, extra_args, tuple(addr), extra_addr, *opts.fills,
-                                  num_threads or 0)
+        if type(extras) is not dict:
+            return None
+        lo, hi = opts.value_range
+        extra_args = []
+        for name, spec in extras.items():
+            if (type(name) is not str or name in OUTPUT_KEYS or type(spec) is not tuple or len(spec) != 2
+                    or type(spec[0]) not in (list, tuple) or type(spec[1]) is not int or not lo <= spec[1] <= hi):
+                return None
+            extra_lengths, other, _, _, rows = cpu.psm_row_lengths(spec[0], name)
+            if other or extra_lengths != lengths:  # the same lengths as input_ids (bytes equal, so B too)
+                return None
+            extra_args.append((name, rows, spec[1]))
+        extra_args = tuple(extra_args)
+    want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(attention), bool(shift),
+                   bool(position), False)
+    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, None, kind, lab_rows, None, None, None, extra_args,
+                     num_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -982,6 +1067,13 @@ def pad_shift_mask(
     docstring for the exact semantics of every argument and output."""
     opts = _checked_options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
                             padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
+    if ((device is None or device == "cpu" or device == _CPU) and (backend == "auto" or backend == "cpu")
+            and offsets is None and label_offsets is None and prompt_lengths is None and loss_masks is None
+            and not return_loss_mask):
+        out = _express_cpu(input_ids, labels, extras, opts, return_attention_mask, return_position_ids,
+                           return_shift_labels, num_threads)
+        if out is not None:
+            return out
     src = _as_seqs(input_ids, offsets, "input_ids", "offsets")
     B = src.B
     kind, lab = _labels_field(labels, label_offsets, B, opts, return_shift_labels)
@@ -1013,16 +1105,12 @@ def pad_shift_mask(
         out = _reference(src, kind, lab, prompt, masks, extra_seqs, opts, want)
         return {k: v.to(device=out_device, dtype=opts.dtype) for k, v in out.items()}
 
+    if backend == "cpu":
+        return _run_cpu(widths, src, kind, lab, prompt, masks, extra_seqs, opts, want, num_threads)
+
     L, Ll = widths.L, widths.Ll
-    # Sizes as separate ints: torch parses them about 0.5 us faster than a tuple (three outputs per common call).
     outs = {key: torch.empty(B, Ll if label_width else L, dtype=opts.dtype, device=out_device)
             for key, label_width, _ in want}
-    if backend == "cpu":
-        for name in extra_seqs:
-            outs[name] = torch.empty(B, L, dtype=opts.dtype)
-        _run_cpu(widths, src, kind, lab, prompt, masks, extra_seqs, opts, outs, want, num_threads)
-        return outs
-
     outputs = dict(outs)
     if extra_seqs:
         outputs["extras"] = torch.empty((len(extra_seqs), B, L), dtype=opts.dtype, device=out_device)

@@ -14,6 +14,7 @@ Shapes stay small (B <= 8, lengths <= 40): the Triton interpreter runs each prog
 """
 import copy
 import importlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -406,6 +407,109 @@ def test_property_triton_matches_reference(problem):
 def test_property_gpu_backends_match_reference(problem):
     for backend in ("triton",) + (("cuda",) if M._cuda_kernel()[0] is not None else ()):
         _check_problem(problem, backend, torch.device("cuda"))
+
+
+# The express path of backend "cpu" (_express_cpu: host rows straight to the C++ calls) against the general
+# path it short-cuts, on random calls it may take, valid or not: the same outputs, or the same error.
+
+def _row_in_form(draw, row):
+    form = draw(st.sampled_from(["list", "tuple", "np32", "np64", "list", "tuple", "np32", "np64", "tensor"]))
+    if form in ("np32", "np64", "tensor"):
+        row = [max(min(v, 2**31 - 1), -(2**31)) for v in row] if form == "np32" else row
+        arr = np.array(row, dtype=np.int32 if form == "np32" else np.int64)
+        return torch.from_numpy(arr) if form == "tensor" else arr
+    return tuple(row) if form == "tuple" else list(row)
+
+
+BAD_ROWS = [[1, 2.5], "abc", np.zeros((2, 2), dtype=np.int64), np.array([1.5]), 7, [2**63]]
+
+
+@st.composite
+def express_calls(draw):
+    B = draw(st.integers(1, 6))
+    token = st.one_of(st.integers(-100, 50), st.integers(-(2**40), 2**40))
+    lengths = draw(st.lists(st.integers(0, 12), min_size=B, max_size=B))
+
+    def rarely(bad, good):  # one draw in twenty or so (a middle value: Hypothesis favours the bounds)
+        return bad if draw(st.integers(0, 19)) == 7 else good
+
+    def rows_of(lens, values=token):
+        rows = [_row_in_form(draw, draw(st.lists(values, min_size=n, max_size=n))) for n in lens]
+        if rarely(True, False):  # a row that is not a row of ints
+            rows[draw(st.integers(0, len(rows) - 1))] = draw(st.sampled_from(BAD_ROWS))
+        return rows if draw(st.booleans()) else tuple(rows)
+
+    labels = draw(st.sampled_from([None, "input_ids", "given"]))
+    kw = dict(pad_token_id=rarely(None, draw(st.integers(-3, 3))), label_pad_token_id=rarely(None, -100),
+              padding=draw(st.sampled_from(["longest", "max_length"])), truncation=draw(st.booleans()),
+              truncation_side=draw(st.sampled_from(["right", "left"])),
+              padding_side=draw(st.sampled_from(["right", "left"])),
+              pad_to_multiple_of=draw(st.one_of(st.none(), st.integers(1, 5))),
+              return_attention_mask=draw(st.booleans()), return_position_ids=draw(st.booleans()),
+              dtype=draw(st.sampled_from([torch.int64, torch.int32])),
+              backend=draw(st.sampled_from(["auto", "cpu"])), device=draw(st.sampled_from([None, "cpu", CPU])))
+    needs_labels = labels is None
+    kw["return_shift_labels"] = draw(st.booleans()) and rarely(True, not needs_labels)
+    kw["decoder_start_token_id"] = rarely(draw(st.integers(-100, 3)), None if needs_labels else draw(
+        st.one_of(st.none(), st.integers(-100, 3))))
+    if labels == "given":
+        B_labels = rarely(B + 1, B)
+        labels = rows_of(draw(st.lists(st.integers(0, 12), min_size=B_labels, max_size=B_labels)))
+    kw["labels"] = rarely("tokens", labels)
+    if kw["truncation"] or kw["padding"] == "max_length":
+        ml = draw(st.integers(1, 14))
+        kw["max_length"] = ml if kw["truncation"] else rarely(ml, max(ml, 12))
+    if draw(st.booleans()):
+        extras = {}
+        for e in range(draw(st.integers(1, 2))):
+            lens = rarely([n + 1 for n in lengths], list(lengths))
+            pad = rarely(draw(st.sampled_from([2**40, True, 1.5])), draw(st.integers(-3, 3)))
+            spec = (rows_of(lens, st.integers(-3, 3)), pad)
+            extras[rarely("labels", f"x{e}")] = rarely(list(spec), spec)
+        kw["extras"] = extras
+    return rows_of(lengths), kw
+
+
+def _outcome(fn):
+    """A call's outputs as plain lists (with dtypes), or its error as (type, message)."""
+    try:
+        out = fn()
+    except (TypeError, ValueError, RuntimeError) as e:
+        return type(e), str(e)
+    return [(k, v.dtype, v.shape, v.tolist()) for k, v in out.items()]
+
+
+@pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
+@settings(max_examples=300, **HYPOTHESIS)
+@given(express_calls())
+def test_property_express_path_matches_general_path(call):
+    rows, kw = call
+    express = _outcome(lambda: pad_shift_mask(rows, **kw))
+    with mock.patch.object(M, "_express_cpu", lambda *args: None):
+        general = _outcome(lambda: pad_shift_mask(rows, **kw))
+    assert express == general
+    if isinstance(express, list):
+        assert express == _outcome(lambda: pad_shift_mask(rows, **dict(kw, backend="torch")))
+
+
+@pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
+def test_express_path_takes_the_collation_calls():
+    """The calls the drop-in collators make go through the express path (the property test above is not empty)."""
+    taken = []
+    real = M._express_cpu
+
+    def spy(*args):
+        taken.append(real(*args) is not None)
+        return None
+
+    rows = [np.arange(5), np.arange(3)]
+    with mock.patch.object(M, "_express_cpu", spy):
+        pad_shift_mask(rows, labels=[[1, 2], [3]], pad_token_id=0)
+        pad_shift_mask([[1, 2], [3]], labels="input_ids", pad_token_id=0, padding_side="left", device="cpu",
+                       extras={"token_type_ids": ([[1, 1], [1]], 0)}, return_attention_mask=False)
+        pad_shift_mask(rows, labels=[[1, 2], [3]], pad_token_id=0, decoder_start_token_id=0, dtype=torch.int32,
+                       padding="max_length", max_length=4, truncation=True, backend="cpu", pad_to_multiple_of=8)
+    assert taken == [True, True, True]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
