@@ -660,14 +660,16 @@ void set_range(Field& f, int64_t itemsize, bool is_mask) {
   }
 }
 
-int64_t choose_threads(int64_t requested, int64_t B, int64_t work) {
+// Threads for one fill: `requested` (> 0) exactly, at most one per example; else (0) by size, at most
+// `max_threads` (Python passes torch.get_num_threads(), which DataLoader workers set to 1). A std::thread costs
+// tens of microseconds and the threads share the memory bandwidth: measured on a 2-core x86-64 box, a second
+// thread slowed a 6 MB batch by 20% and sped a 12 MB one up by 15%, hence one thread per 4 MB (2^19 int64
+// output elements) of work.
+int64_t choose_threads(int64_t requested, int64_t max_threads, int64_t B, int64_t work) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, B));
-  // A std::thread costs tens of microseconds: only worth it past ~a quarter million output elements each.
-  const int64_t per_thread = int64_t{1} << 18;
+  const int64_t per_thread = int64_t{1} << 19;
   if (work < 2 * per_thread) return 1;
-  // hardware_concurrency() is a syscall (several microseconds): ask once.
-  static const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  return std::max<int64_t>(1, std::min({hw, B, work / per_thread}));
+  return std::max<int64_t>(1, std::min({max_threads, B, work / per_thread}));
 }
 
 }  // namespace
@@ -746,7 +748,7 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 // psm_fill(B, L, Ll, max_length, trunc_left, pad_left, tokens, tok_offsets, labels_kind, labels, lab_offsets,
 //          prompt_lengths, loss_masks, extras, outs, extra_outs, pad_token_id, label_pad_token_id,
-//          decoder_start_token_id, out_itemsize, num_threads)
+//          decoder_start_token_id, out_itemsize, num_threads, max_threads)
 //
 //   L, Ll, max_length, trunc_left, pad_left    psm::Layout (max_length < 0: no truncation)
 //   tokens         sequence of B rows, or one flat 1-D buffer (then tok_offsets = its int64 [B + 1] offsets, else
@@ -759,23 +761,25 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //                  decoder_input_ids, shift_labels, position_ids, loss_mask; [B, L] or [B, Ll], C-contiguous
 //   extra_outs     tuple of addresses, one [B, L] output per extra
 //   out_itemsize   4 (int32 outputs) or 8 (int64)
-//   num_threads    0 = automatic; threads are only used when no row is a Python sequence
+//   num_threads    > 0: that many threads; 0: automatic (by size), at most max_threads. Threads are only
+//                  used when no row is a Python sequence
 // The widths must come from the lengths of these very objects (Python measures them first); offsets are
 // trusted (Python checked them).
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 21) {
-    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 21 positional arguments");
+  if (nargs != 22) {
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 22 positional arguments");
     return nullptr;
   }
   Problem p;
   bool ok = true;
-  int64_t B, trunc_left, pad_left, itemsize, kind, requested_threads;
+  int64_t B, trunc_left, pad_left, itemsize, kind, requested_threads, max_threads;
   if (!as_i64(args[0], "B", &B) || !as_i64(args[1], "L", &p.layout.L) || !as_i64(args[2], "Ll", &p.layout.Ll) ||
       !as_i64(args[3], "max_length", &p.layout.max_length) || !as_i64(args[4], "trunc_left", &trunc_left) ||
       !as_i64(args[5], "pad_left", &pad_left) || !as_i64(args[8], "labels_kind", &kind) ||
       !as_i64(args[16], "pad_token_id", &p.pad) || !as_i64(args[17], "label_pad_token_id", &p.label_pad) ||
       !as_i64(args[18], "decoder_start_token_id", &p.decoder_start) ||
-      !as_i64(args[19], "out_itemsize", &itemsize) || !as_i64(args[20], "num_threads", &requested_threads))
+      !as_i64(args[19], "out_itemsize", &itemsize) || !as_i64(args[20], "num_threads", &requested_threads) ||
+      !as_i64(args[21], "max_threads", &max_threads))
     return nullptr;
   if (itemsize != 4 && itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "pyseqpack._C.psm_fill: out_itemsize must be 4 or 8");
@@ -834,7 +838,7 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   for (void* o : p.out) n_out += o != nullptr;
   n_out += static_cast<int>(E);
   const int64_t work = B * std::max(p.layout.L, p.layout.Ll) * n_out;
-  const int64_t threads = p.needs_gil() ? 1 : choose_threads(requested_threads, B, work);
+  const int64_t threads = p.needs_gil() ? 1 : choose_threads(requested_threads, max_threads, B, work);
 
   auto run = [&](int64_t b0, int64_t b1, Failure* fl) { p.rows(b0, b1, fl); };
   Failure first;

@@ -42,7 +42,8 @@ CONTRACT (public signature):
         device=None,                 # output device; default: the device of input_ids when it is a tensor (flat,
                                      # 2-D, or a list of tensors on one device), else CPU
         backend="auto",              # "auto" | "cpu" (C++) | "cuda" | "triton" | "torch" (the reference)
-        num_threads=None,            # backend "cpu" with array input: threads to split rows across (None: by size)
+        num_threads=None,            # backend "cpu" with array input: threads to split rows across (None: by
+                                     # size, at most torch.get_num_threads(), which DataLoader workers set to 1)
     ) -> dict[str, torch.Tensor]     # keys: input_ids, attention_mask, labels, decoder_input_ids,
                                      #       shift_labels, position_ids, loss_mask, *extras (only those asked for)
 
@@ -424,6 +425,13 @@ def _options(pad_token_id, label_pad_token_id, padding, max_length, truncation, 
 _cached_options = functools.lru_cache(maxsize=64, typed=True)(_options)
 
 
+def _check_threads(num_threads) -> None:
+    """num_threads: None or a positive int (ints of other types, such as numpy's, pass)."""
+    n = _as_int(num_threads, "num_threads", optional=True)
+    if isinstance(num_threads, bool) or n < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+
+
 def _checked_options(*args) -> _Options:
     try:
         return _cached_options(*args)
@@ -704,8 +712,9 @@ def _cpu_fill(cpu, B: int, L: int, Ll: int, opts: _Options, want: tuple, tokens,
     for name, _, _ in extra_args:
         out = outs[name] = torch.empty(B, L, dtype=opts.dtype)
         extra_addr.append(out.data_ptr())
+    # num_threads=None: C++ picks by size, at most torch's intra-op thread count (1 in DataLoader workers).
     cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, kind, labels, lab_offsets, prompt, mask_obj,
-                 extra_args, tuple(addr), tuple(extra_addr), *opts.fills, num_threads or 0)
+                 extra_args, tuple(addr), tuple(extra_addr), *opts.fills, num_threads or 0, torch.get_num_threads())
     return outs
 
 
@@ -1067,6 +1076,8 @@ def pad_shift_mask(
     docstring for the exact semantics of every argument and output."""
     opts = _checked_options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
                             padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
+    if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
+        _check_threads(num_threads)
     if ((device is None or device == "cpu" or device == _CPU) and (backend == "auto" or backend == "cpu")
             and offsets is None and label_offsets is None and prompt_lengths is None and loss_masks is None
             and not return_loss_mask):
