@@ -944,7 +944,7 @@ _TRITON_BROKEN: list = []  # the first Triton launch failure under backend="auto
 
 
 def _select_backend(backend: str, device: torch.device) -> str:
-    if backend not in _BACKENDS:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type == "cpu":
@@ -1078,7 +1078,8 @@ def pad_shift_mask(
                             padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
     if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
         _check_threads(num_threads)
-    if ((device is None or device == "cpu" or device == _CPU) and (backend == "auto" or backend == "cpu")
+    if ((device is None or type(device) in (str, torch.device) and device in ("cpu", _CPU))
+            and type(backend) is str and backend in ("auto", "cpu")
             and offsets is None and label_offsets is None and prompt_lengths is None and loss_masks is None
             and not return_loss_mask):
         out = _express_cpu(input_ids, labels, extras, opts, return_attention_mask, return_position_ids,

@@ -646,6 +646,7 @@ BAD_ARGS = [
     (dict(extras={"tt": ([[1, 1, 1], [1]], 0)}), ValueError, r"tt\[1\] has 1 values but input_ids\[1\] has 2 tokens"),
     (dict(extras=[1]), TypeError, r"extras must be a dict"),
     (dict(backend="gpu"), ValueError, r"backend must be one of"),
+    (dict(backend=np.array(["cpu", "cpu"])), ValueError, r"backend must be one of"),
     (dict(num_threads=0), ValueError, r"num_threads must be a positive int or None, got 0"),
     (dict(num_threads=True), ValueError, r"num_threads must be a positive int or None, got True"),
     (dict(num_threads=2.0), TypeError, r"num_threads must be an int or None, got float"),
