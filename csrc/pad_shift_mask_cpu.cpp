@@ -361,13 +361,17 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
   return true;
 }
 
-// Points *out at example b's values [start, start + count) as int64 (row-relative: element k is the k-th kept
-// value), either in place or staged in `scratch`. Returns false after recording a failure.
-bool stage(const Field& f, int64_t b, int64_t start, int64_t count, std::vector<int64_t>& scratch,
+// Points *out at example b's values [rel, rel + count) as int64, `rel` counted from the example's first value
+// (whatever the field's form: its own row, or its window of a flat buffer), so that fields of different forms
+// line up; element k of *out is the k-th kept value. In place, or staged in `scratch`. Returns false after
+// recording a failure.
+bool stage(const Field& f, int64_t b, int64_t rel, int64_t count, std::vector<int64_t>& scratch,
            const int64_t** out, Failure* fl) {
   const RowSource& s = f.flat ? f.rows[0] : f.rows[b];
   const int64_t base = f.flat ? f.bases[b] : 0;
-  if (start < 0 || count < 0 || start + count > s.len) return fail(fl, Fault::kChanged, f, b, start - base, 0);
+  const int64_t end = f.flat ? std::min<int64_t>(f.bases[b + 1], s.len) : s.len;
+  const int64_t start = base + rel;
+  if (rel < 0 || count < 0 || count > end - start) return fail(fl, Fault::kChanged, f, b, rel, 0);
   if (s.seq == nullptr && s.elem == Elem::kI64 && s.stride == 8 &&
       reinterpret_cast<uintptr_t>(s.data) % alignof(int64_t) == 0) {
     const int64_t* p = reinterpret_cast<const int64_t*>(s.data) + start;
@@ -579,10 +583,13 @@ struct Problem {
     // here on 0 <= kept <= width, which the column segments of write_outputs rely on.
     if (r.tok_kept > L) return fail(fl, Fault::kChanged, *tok, b, 0, 0);
     if (r.lab_kept > Ll) return fail(fl, Fault::kChanged, *lab, b, 0, 0);
-    if (!stage(*tok, b, r.tok_src, r.tok_kept, s.tok, &job.tok, fl)) return false;
-    if (kind == psm::kDerivedLabels && has_mask && !stage(*mask, b, r.tok_src, r.tok_kept, s.mask, &job.mask, fl))
+    // Kept values start `tok_rel` (`lab_rel`) values into the example: the same for the fields aligned with
+    // the tokens, whichever form each has.
+    const int64_t tok_rel = r.tok_src - tok_start, lab_rel = r.lab_src - lab_start;
+    if (!stage(*tok, b, tok_rel, r.tok_kept, s.tok, &job.tok, fl)) return false;
+    if (kind == psm::kDerivedLabels && has_mask && !stage(*mask, b, tok_rel, r.tok_kept, s.mask, &job.mask, fl))
       return false;
-    if (kind == psm::kGivenLabels && !stage(*lab, b, r.lab_src, r.lab_kept, s.lab, &job.lab, fl)) return false;
+    if (kind == psm::kGivenLabels && !stage(*lab, b, lab_rel, r.lab_kept, s.lab, &job.lab, fl)) return false;
     for (int i = 0; i < kNumOut; ++i) {
       const int64_t width = (i == kLabels || i == kShift || i == kDecoder) ? Ll : L;
       job.out[i] = out[i] ? static_cast<char*>(out[i]) + b * width * itemsize : nullptr;
@@ -590,7 +597,7 @@ struct Problem {
     (itemsize == 4 ? write_outputs_i32 : write_outputs_i64)(job);
     for (size_t e = 0; e < extras.size(); ++e) {
       const int64_t* x = nullptr;
-      if (!stage(*extras[e], b, r.tok_src, r.tok_kept, s.extra, &x, fl)) return false;
+      if (!stage(*extras[e], b, tok_rel, r.tok_kept, s.extra, &x, fl)) return false;
       void* o = static_cast<char*>(extra_out[e]) + b * L * itemsize;
       (itemsize == 4 ? write_extra_i32 : write_extra_i64)(r, x, extra_pads[e], L, o);
     }
@@ -610,6 +617,9 @@ struct Problem {
 struct Int64View {
   Py_buffer view{};
   const int64_t* data = nullptr;
+  Int64View() = default;
+  Int64View(const Int64View&) = delete;
+  Int64View& operator=(const Int64View&) = delete;
   ~Int64View() {
     if (view.obj != nullptr) PyBuffer_Release(&view);
   }
@@ -747,16 +757,17 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // psm_fill(B, L, Ll, max_length, trunc_left, pad_left, tokens, tok_offsets, labels_kind, labels, lab_offsets,
-//          prompt_lengths, loss_masks, extras, outs, extra_outs, pad_token_id, label_pad_token_id,
+//          prompt_lengths, loss_masks, mask_offsets, extras, outs, extra_outs, pad_token_id, label_pad_token_id,
 //          decoder_start_token_id, out_itemsize, num_threads, max_threads)
 //
 //   L, Ll, max_length, trunc_left, pad_left    psm::Layout (max_length < 0: no truncation)
-//   tokens         sequence of B rows, or one flat 1-D buffer (then tok_offsets = its int64 [B + 1] offsets, else
-//                  None)
+//   tokens         sequence of B rows (or the capsule psm_row_lengths returned for them), or one flat 1-D buffer
+//                  (then tok_offsets = its int64 [B + 1] offsets, else None)
 //   labels_kind    0 none, 1 derived from tokens, 2 given in `labels` (rows, or flat with lab_offsets)
 //   prompt_lengths None, or int64 [B]
-//   loss_masks     None, or 0/1 values in the same form as tokens (same indices)
-//   extras         tuple of (name, values in the same form as tokens, pad value)
+//   loss_masks     None, or 0/1 values with the tokens' lengths, as rows or flat with mask_offsets (each field
+//                  has its own form: CPU tensor rows arrive concatenated, beside list rows)
+//   extras         tuple of (name, values with the tokens' lengths, their offsets or None, pad value)
 //   outs           tuple of 7 addresses (0 = not requested): input_ids, attention_mask, labels,
 //                  decoder_input_ids, shift_labels, position_ids, loss_mask; [B, L] or [B, Ll], C-contiguous
 //   extra_outs     tuple of addresses, one [B, L] output per extra
@@ -766,20 +777,27 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // The widths must come from the lengths of these very objects (Python measures them first); offsets are
 // trusted (Python checked them).
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 22) {
-    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill takes 22 positional arguments");
+  enum Arg {
+    kB, kL, kLl, kMaxLength, kTruncLeft, kPadLeft, kTokens, kTokOffsets, kLabelsKind, kLabels, kLabOffsets,
+    kPrompt, kMasks, kMaskOffsets, kExtras, kOuts, kExtraOuts, kPad, kLabelPad, kDecoderStart, kItemsize,
+    kThreads, kMaxThreads, kNumArgs
+  };
+  if (nargs != kNumArgs) {
+    PyErr_Format(PyExc_TypeError, "pyseqpack._C.psm_fill takes %d positional arguments", static_cast<int>(kNumArgs));
     return nullptr;
   }
   Problem p;
   bool ok = true;
   int64_t B, trunc_left, pad_left, itemsize, kind, requested_threads, max_threads;
-  if (!as_i64(args[0], "B", &B) || !as_i64(args[1], "L", &p.layout.L) || !as_i64(args[2], "Ll", &p.layout.Ll) ||
-      !as_i64(args[3], "max_length", &p.layout.max_length) || !as_i64(args[4], "trunc_left", &trunc_left) ||
-      !as_i64(args[5], "pad_left", &pad_left) || !as_i64(args[8], "labels_kind", &kind) ||
-      !as_i64(args[16], "pad_token_id", &p.pad) || !as_i64(args[17], "label_pad_token_id", &p.label_pad) ||
-      !as_i64(args[18], "decoder_start_token_id", &p.decoder_start) ||
-      !as_i64(args[19], "out_itemsize", &itemsize) || !as_i64(args[20], "num_threads", &requested_threads) ||
-      !as_i64(args[21], "max_threads", &max_threads))
+  if (!as_i64(args[kB], "B", &B) || !as_i64(args[kL], "L", &p.layout.L) || !as_i64(args[kLl], "Ll", &p.layout.Ll) ||
+      !as_i64(args[kMaxLength], "max_length", &p.layout.max_length) ||
+      !as_i64(args[kTruncLeft], "trunc_left", &trunc_left) || !as_i64(args[kPadLeft], "pad_left", &pad_left) ||
+      !as_i64(args[kLabelsKind], "labels_kind", &kind) || !as_i64(args[kPad], "pad_token_id", &p.pad) ||
+      !as_i64(args[kLabelPad], "label_pad_token_id", &p.label_pad) ||
+      !as_i64(args[kDecoderStart], "decoder_start_token_id", &p.decoder_start) ||
+      !as_i64(args[kItemsize], "out_itemsize", &itemsize) ||
+      !as_i64(args[kThreads], "num_threads", &requested_threads) ||
+      !as_i64(args[kMaxThreads], "max_threads", &max_threads))
     return nullptr;
   if (itemsize != 4 && itemsize != 8) {
     PyErr_SetString(PyExc_ValueError, "pyseqpack._C.psm_fill: out_itemsize must be 4 or 8");
@@ -790,48 +808,51 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   p.kind = static_cast<int32_t>(kind);
   p.itemsize = itemsize;
 
-  Int64View tok_offsets, lab_offsets, prompt;
-  if (!tok_offsets.open(args[7], "tok_offsets", B + 1, true) || !lab_offsets.open(args[10], "lab_offsets", B + 1, true) ||
-      !prompt.open(args[11], "prompt_lengths", B, true))
+  Int64View tok_offsets, lab_offsets, mask_offsets, prompt;
+  if (!tok_offsets.open(args[kTokOffsets], "tok_offsets", B + 1, true) ||
+      !lab_offsets.open(args[kLabOffsets], "lab_offsets", B + 1, true) ||
+      !mask_offsets.open(args[kMaskOffsets], "mask_offsets", B + 1, true) ||
+      !prompt.open(args[kPrompt], "prompt_lengths", B, true))
     return nullptr;
   p.prompt = prompt.data;
-  const int64_t* tok_bases = tok_offsets.data;
-  const int64_t* lab_bases = lab_offsets.data;
-  if (!(p.tok = use_field(args[6], "input_ids", tok_bases, B, p.tok_own))) return nullptr;
+  if (!(p.tok = use_field(args[kTokens], "input_ids", tok_offsets.data, B, p.tok_own))) return nullptr;
   set_range(*p.tok, itemsize, false);
   if (p.kind == psm::kGivenLabels) {
-    if (!(p.lab = use_field(args[9], "labels", lab_bases, B, p.lab_own))) return nullptr;
+    if (!(p.lab = use_field(args[kLabels], "labels", lab_offsets.data, B, p.lab_own))) return nullptr;
     set_range(*p.lab, itemsize, false);
   }
-  if (args[12] != Py_None) {
+  if (args[kMasks] != Py_None) {
     p.has_mask = true;
-    if (!(p.mask = use_field(args[12], "loss_masks", tok_bases, B, p.mask_own))) return nullptr;
+    if (!(p.mask = use_field(args[kMasks], "loss_masks", mask_offsets.data, B, p.mask_own))) return nullptr;
     set_range(*p.mask, itemsize, true);
   }
-  if (!PyTuple_Check(args[13]) || !PyTuple_Check(args[14]) || !PyTuple_Check(args[15]) ||
-      PyTuple_GET_SIZE(args[14]) != kNumOut || PyTuple_GET_SIZE(args[15]) != PyTuple_GET_SIZE(args[13])) {
+  PyObject *extras = args[kExtras], *outs = args[kOuts], *extra_outs = args[kExtraOuts];
+  if (!PyTuple_Check(extras) || !PyTuple_Check(outs) || !PyTuple_Check(extra_outs) ||
+      PyTuple_GET_SIZE(outs) != kNumOut || PyTuple_GET_SIZE(extra_outs) != PyTuple_GET_SIZE(extras)) {
     PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: extras, outs, extra_outs must be tuples (outs of 7)");
     return nullptr;
   }
-  const Py_ssize_t E = PyTuple_GET_SIZE(args[13]);
+  const Py_ssize_t E = PyTuple_GET_SIZE(extras);
   p.extras_own = std::vector<Field>(static_cast<size_t>(E));
   p.extras.resize(static_cast<size_t>(E));
   p.extra_pads.resize(static_cast<size_t>(E));
   p.extra_out.resize(static_cast<size_t>(E));
+  std::vector<Int64View> extra_offsets(static_cast<size_t>(E));  // sized once: views are never copied
   for (Py_ssize_t e = 0; e < E; ++e) {
-    PyObject* item = PyTuple_GET_ITEM(args[13], e);
-    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
-      PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: each extra must be (name, values, pad)");
+    PyObject* item = PyTuple_GET_ITEM(extras, e);
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0))) {
+      PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: each extra must be (name, values, offsets, pad)");
       return nullptr;
     }
-    if (!as_i64(PyTuple_GET_ITEM(item, 2), "extra pad", &p.extra_pads[e]) ||
-        !(p.extras[e] = use_field(PyTuple_GET_ITEM(item, 1), PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0)), tok_bases,
-                                  B, p.extras_own[e])))
+    const char* name = PyUnicode_AsUTF8(PyTuple_GET_ITEM(item, 0));
+    if (!extra_offsets[e].open(PyTuple_GET_ITEM(item, 2), "extra offsets", B + 1, true) ||
+        !as_i64(PyTuple_GET_ITEM(item, 3), "extra pad", &p.extra_pads[e]) ||
+        !(p.extras[e] = use_field(PyTuple_GET_ITEM(item, 1), name, extra_offsets[e].data, B, p.extras_own[e])))
       return nullptr;
     set_range(*p.extras[e], itemsize, false);
-    p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(args[15], e), "extra_outs", &ok);
+    p.extra_out[e] = as_ptr<void>(PyTuple_GET_ITEM(extra_outs, e), "extra_outs", &ok);
   }
-  for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(args[14], i), "outs", &ok);
+  for (int i = 0; i < kNumOut; ++i) p.out[i] = as_ptr<void>(PyTuple_GET_ITEM(outs, i), "outs", &ok);
   if (!ok) return nullptr;
 
   int n_out = 0;
@@ -903,7 +924,7 @@ PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     const int64_t kept = psm::kept_count(n, lay.max_length);
     psm::place(start, n, kept, 0, lay, &src, &col);
     const int64_t* v = nullptr;
-    if (!stage(f, b, src, kept, scratch, &v, &fl)) {
+    if (!stage(f, b, src - start, kept, scratch, &v, &fl)) {
       raise_failure(fl);
       return nullptr;
     }

@@ -691,30 +691,33 @@ def _run_cpu(widths: _Widths, src, kind, lab, prompt, masks, extras, opts: _Opti
              num_threads) -> dict:
     tokens, tok_offsets = _cpu_source(src)
     labels, lab_offsets = _cpu_source(lab) if lab is not None else (None, None)
-    mask_obj = _cpu_source(masks)[0] if masks is not None else None
+    mask_obj, mask_offsets = _cpu_source(masks) if masks is not None else (None, None)
     if isinstance(prompt, torch.Tensor):
         prompt = prompt.cpu().numpy()
-    extra_args = tuple([(name, _cpu_source(seqs)[0], pad) for name, (seqs, pad) in extras.items()])
+    extra_args = tuple([(name, *_cpu_source(seqs), pad) for name, (seqs, pad) in extras.items()])
     return _cpu_fill(_native.cpu_module(), src.B, widths.L, widths.Ll, opts, want, tokens, tok_offsets, kind, labels,
-                     lab_offsets, prompt, mask_obj, extra_args, num_threads)
+                     lab_offsets, prompt, mask_obj, mask_offsets, extra_args, num_threads)
 
 
 def _cpu_fill(cpu, B: int, L: int, Ll: int, opts: _Options, want: tuple, tokens, tok_offsets, kind: int, labels,
-              lab_offsets, prompt, mask_obj, extra_args: tuple, num_threads) -> dict:
+              lab_offsets, prompt, mask_obj, mask_offsets, extra_args: tuple, num_threads) -> dict:
     """Allocates the requested outputs ([B, L] or [B, Ll]) and the extras' ([B, L]), then one psm_fill writes
-    them all. Sizes go to torch.empty as separate ints: parsed about 0.5 us faster than a tuple."""
+    them all. Each field comes in its own form: rows (offsets None), or flat with its offsets; `extra_args` holds
+    (name, values, offsets, pad). Sizes go to torch.empty as separate ints: parsed about 0.5 us faster than a
+    tuple."""
     outs = {}
     addr = [0] * len(OUTPUT_KEYS)  # the C slots, in the order of OUTPUT_KEYS; 0 = not requested
     for key, label_width, slot in want:
         out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=opts.dtype)
         addr[slot] = out.data_ptr()
     extra_addr = []
-    for name, _, _ in extra_args:
+    for name, *_ in extra_args:
         out = outs[name] = torch.empty(B, L, dtype=opts.dtype)
         extra_addr.append(out.data_ptr())
     # num_threads=None: C++ picks by size, at most torch's intra-op thread count (1 in DataLoader workers).
     cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, kind, labels, lab_offsets, prompt, mask_obj,
-                 extra_args, tuple(addr), tuple(extra_addr), *opts.fills, num_threads or 0, torch.get_num_threads())
+                 mask_offsets, extra_args, tuple(addr), tuple(extra_addr), *opts.fills, num_threads or 0,
+                 torch.get_num_threads())
     return outs
 
 
@@ -768,11 +771,11 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
             extra_lengths, other, _, _, rows = cpu.psm_row_lengths(spec[0], name)
             if other or extra_lengths != lengths:  # the same lengths as input_ids (bytes equal, so B too)
                 return None
-            extra_args.append((name, rows, spec[1]))
+            extra_args.append((name, rows, None, spec[1]))
         extra_args = tuple(extra_args)
     want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(attention), bool(shift),
                    bool(position), False)
-    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, None, kind, lab_rows, None, None, None, extra_args,
+    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, None, kind, lab_rows, None, None, None, None, extra_args,
                      num_threads)
 
 

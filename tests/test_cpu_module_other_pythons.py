@@ -66,8 +66,8 @@ SCRIPT = textwrap.dedent(r'''
         B, L = len(rows), longest
         ids, att = (array.array("q" if itemsize == 8 else "i", [0]) * (B * L) for _ in range(2))
         addr = (ids.buffer_info()[0], att.buffer_info()[0]) + NO_OUT
-        _C.psm_fill(B, L, L, -1, 0, 0, opened, None, 0, None, None, None, None, (), addr, (), pad, -100, 0,
-                    itemsize, 1, 1)
+        _C.psm_fill(B, L, L, -1, 0, 0, opened, None, 0, None, None, None, None, None, (), addr, (), pad, -100,
+                    0, itemsize, 1, 1)
         return [list(ids[b * L:(b + 1) * L]) for b in range(B)], [list(att[b * L:(b + 1) * L]) for b in range(B)]
 
     def padded(rows, pad=7):
