@@ -676,6 +676,40 @@ def test_aligned_fields_of_mixed_row_types(backend):
                        extras={"tt": ([torch.tensor([7, 7, 7]), torch.tensor([8])], 0)})
 
 
+@pytest.mark.parametrize("backend", VALIDATING)
+def test_tensor_rows(backend):
+    """Rows that are all tensors are concatenated into one buffer: the same outputs as the same rows as lists
+    (whose path does not concatenate), beside fields of other forms, and the same errors naming the row."""
+    rows = [[5, 6, 7, 8], [9], [], [10, 11, 12]]
+    dtypes = [torch.int64, torch.int32, torch.bool, torch.uint8]
+    t_rows = [torch.tensor(r, dtype=dt) if dt != torch.bool else torch.tensor(r) % 2 == 1
+              for r, dt in zip(rows, dtypes)]
+    as_lists = [r.tolist() for r in t_rows]
+    masks = [[1, 0, 1, 1], [1], [], [0, 1, 1]]
+    for kw in (dict(labels="input_ids", loss_masks=masks, extras={"tt": ([[2] * len(r) for r in rows], 0)}),
+               dict(labels="input_ids", loss_masks=[torch.tensor(m, dtype=torch.int64) for m in masks], padding_side="left",
+                    truncation=True, max_length=3, truncation_side="left", return_position_ids=True),
+               dict(labels=[torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.int64),
+                            torch.tensor([4, 5, 6, 7])], decoder_start_token_id=0, dtype=torch.int32)):
+        plain = {k: [x.tolist() if isinstance(x, torch.Tensor) else x for x in v]
+                 if k in ("labels", "loss_masks") and not isinstance(v, str) else v for k, v in kw.items()}
+        want = pad_shift_mask(as_lists, pad_token_id=0, backend=backend, **plain)
+        assert_same(pad_shift_mask(t_rows, pad_token_id=0, backend=backend, **kw), want)
+    # rows cat cannot join (uint16 with int64) are read one by one
+    mixed = [torch.tensor([1, 2], dtype=torch.uint16), torch.tensor([3])]
+    assert pad_shift_mask(mixed, pad_token_id=0, backend=backend)["input_ids"].tolist() == [[1, 2], [3, 0]]
+    with pytest.raises(TypeError, match=r"input_ids\[1\]: expected integer values, got a"):
+        pad_shift_mask([torch.tensor([1]), torch.tensor([1.5])], pad_token_id=0, backend=backend)
+    with pytest.raises(TypeError, match=r"input_ids\[1\]: expected a 1-D sequence, got a 2-D"):
+        pad_shift_mask([torch.tensor([1, 2]), torch.tensor([[1, 2]])], pad_token_id=0, backend=backend)
+    with pytest.raises(ValueError, match=r"input_ids\[1\]\[1\]: 4294967296 does not fit in the output dtype int32"):
+        pad_shift_mask([torch.tensor([1]), torch.tensor([3, 2**32])], pad_token_id=0, dtype=torch.int32,
+                       backend=backend)
+    with pytest.raises(ValueError, match=r"loss_masks\[2\] has 1 values but input_ids\[2\] has 0 tokens"):
+        pad_shift_mask(t_rows, labels="input_ids", loss_masks=[torch.tensor(m) for m in masks[:2]] + [[1], [1, 1, 1]],
+                       pad_token_id=0, backend=backend)
+
+
 @pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
 def test_row_shrunk_while_read_is_an_error():
     """An __index__ that empties its own row while the C++ backend reads it: a clear error, no stale read."""
