@@ -2,9 +2,10 @@
 
 Groups (one pytest-benchmark group per input kind x shape, every implementation side by side):
 
-* ``collate[list|numpy] B=.. len=lo-hi`` (always on the CPU, where DataLoader workers collate):
+* ``collate[list|numpy|tensor] B=.. len=lo-hi`` (always on the CPU, where DataLoader workers collate):
   features ``{"input_ids", "attention_mask", "labels"}`` with random row lengths in [lo, hi] (fixed seed),
-  as Python lists or as int64 numpy arrays. Output: input_ids, attention_mask, labels, padded right.
+  as Python lists, int64 numpy arrays or int64 CPU tensors (``dataset.with_format("torch")``). Output:
+  input_ids, attention_mask, labels, padded right.
     - transformers.DataCollatorForSeq2Seq                         (baseline)
     - torch: torch.tensor per row + pad_sequence + a length mask  (what one writes by hand)
     - pyseqpack.DataCollatorForSeq2Seq                            (the drop-in)
@@ -59,7 +60,7 @@ SHAPES = {
 # output, where the fixed cost per call fades (and where fresh outputs may page-fault: see the docstring).
 NUMPY_ONLY_SHAPES = {"full": [(64, 2048, 4096)], "quick": [(64, 2048, 4096)], "smoke": []}
 FLAT_SHAPES = {"full": [(64, 1024, 4096)], "quick": [(64, 1024, 4096)], "smoke": [(4, 8, 32)]}
-KINDS = ["list", "numpy"]
+KINDS = ["list", "numpy", "tensor"]
 KEYS = ("input_ids", "attention_mask", "labels")
 KERNEL_NAMES = {"cuda": "psm_kernel", "triton": "_pad_shift_mask_kernel"}  # as the profiler names them
 SEED = 1234
@@ -105,7 +106,9 @@ def _hf(features, tokenizer, threads):
 def _torch(features, tokenizer, threads):
     pad = tokenizer.pad_token_id
     # numpy rows are wrapped without a copy (torch.from_numpy), lists are converted (torch.tensor).
-    to_tensor = torch.from_numpy if isinstance(features[0]["input_ids"], np.ndarray) else torch.tensor
+    first = features[0]["input_ids"]
+    to_tensor = (torch.from_numpy if isinstance(first, np.ndarray) else
+                 (lambda t: t) if isinstance(first, torch.Tensor) else torch.tensor)
 
     def collate():
         ids = [to_tensor(f["input_ids"]) for f in features]
@@ -201,7 +204,7 @@ def test_collate(benchmark, bench_cfg, tokenizer, kind, collate_shape, impl):
 
     info = {"suite": "collate", "impl": label, "role": role, "input": kind, "batch": batch,
             "len_lo": lo, "len_hi": hi, "max_len": max(lengths), "tokens": sum(lengths),
-            "threads": threads, "order": 0 if kind == "list" else 1}
+            "threads": threads, "order": KINDS.index(kind)}
     if impl == "pyseqpack" and kind == "list" and batch == 32:
         info["goal"] = {"kind": "speedup_at_least", "value": 20, "target": 30,
                         "label": "drop-in vs transformers, B=32 list inputs, 1 thread"}

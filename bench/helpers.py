@@ -168,7 +168,8 @@ def make_seq2seq_features(lengths, kind: str, seed: int) -> list:
     """Tokenized examples as a datasets pipeline yields them: input_ids, attention_mask, labels.
 
     kind "list": Python lists of ints (``datasets`` default format);
-    kind "numpy": 1-D int64 arrays (``dataset.with_format("numpy")``).
+    kind "numpy": 1-D int64 arrays (``dataset.with_format("numpy")``);
+    kind "tensor": 1-D int64 CPU tensors (``dataset.with_format("torch")``).
     Labels are a copy of input_ids with the first quarter (the prompt) set to -100, as SFT data carries them.
     """
     rng = np.random.default_rng(seed)
@@ -182,8 +183,11 @@ def make_seq2seq_features(lengths, kind: str, seed: int) -> list:
             feats.append({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
         elif kind == "numpy":
             feats.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        elif kind == "tensor":
+            feats.append({k: torch.from_numpy(v) for k, v in (("input_ids", ids), ("attention_mask", mask),
+                                                               ("labels", labels))})
         else:
-            raise ValueError(f"kind must be 'list' or 'numpy', got {kind!r}")
+            raise ValueError(f"kind must be 'list', 'numpy' or 'tensor', got {kind!r}")
     return feats
 
 
