@@ -11,6 +11,7 @@
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs);
+PyObject* numpy_rows_fast(PyObject*, PyObject*);
 
 static PyObject* hardware_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(static_cast<long>(std::thread::hardware_concurrency()));
@@ -24,6 +25,8 @@ static PyMethodDef kMethods[] = {
      "psm_row_lengths(rows, name) -> (row lengths, other, longest, shortest, opened rows) (pad_shift_mask)"},
     {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},
     {"psm_gather", PSM_FASTCALL(psm_gather), "psm_gather(...): packs kept values of host rows into one buffer"},
+    {"numpy_rows_fast", numpy_rows_fast, METH_NOARGS,
+     "numpy_rows_fast() -> bool: numpy rows are read from numpy's fields (layout checked), not the buffer protocol"},
     {nullptr, nullptr, 0, nullptr},
 };
 

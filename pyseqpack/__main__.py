@@ -38,6 +38,10 @@ def env_report() -> str:
     lines.append("native modules: " + ", ".join(built))
     if not _native.cpu_available():
         lines.append("  cpu: " + _native._load_cpu()[1])
+    else:
+        fast = _native.cpu_module().numpy_rows_fast()
+        lines.append("  numpy rows: " + ("read from numpy's array fields (layout checked)" if fast else
+                                         "read through the buffer protocol (numpy's layout check failed)"))
     if not _native.cuda_built():
         lines.append("  cuda: " + _native._load_cuda()[1])
     if torch.cuda.is_available():

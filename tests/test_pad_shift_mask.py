@@ -13,6 +13,7 @@ Three layers of checking:
 Shapes stay small (B <= 8, lengths <= 40): the Triton interpreter runs each program in numpy.
 """
 import copy
+import gc
 import importlib
 from unittest import mock
 
@@ -319,6 +320,33 @@ def test_narrow_row_dtypes(row_dtype, out_dtype):
     if row_dtype is np.uint32 and out_dtype == torch.int32:
         with pytest.raises(ValueError, match=r"input_ids\[1\]\[2\]: 2147483648 does not fit in the output dtype"):
             pad_shift_mask([rows[0], np.array([1, 2, 2**31], dtype=np.uint32)], backend="cpu", **kw)
+
+
+@pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
+def test_numpy_rows_read_from_their_fields():
+    """With this numpy, the C++ module reads numpy rows from the array's fields (its layout check passed): the
+    tests above then check those reads. Arrays it declines (subclasses, other byte orders, 2-D) go through the
+    buffer protocol, with its errors. A row stays alive while it is read, even if the batch drops it."""
+    assert _native.cpu_module().numpy_rows_fast()
+    rows = [np.arange(5, dtype=np.int16), np.arange(12, dtype=np.uint64)[::4], np.arange(3).view(np.memmap)]
+    assert pad_shift_mask(rows, pad_token_id=9, backend="cpu")["input_ids"].tolist() == [
+        [0, 1, 2, 3, 4], [0, 4, 8, 9, 9], [0, 1, 2, 9, 9]]
+    with pytest.raises(TypeError, match=r"input_ids\[1\]: expected integer values, got a format '>i' array"):
+        pad_shift_mask([np.arange(2), np.arange(2, dtype=">i4")], pad_token_id=0, backend="cpu")
+    with pytest.raises(TypeError, match=r"input_ids\[0\]: expected a 1-D sequence, got a 0-D array"):
+        pad_shift_mask([np.array(5)], pad_token_id=0, backend="cpu")
+
+    batch = []
+
+    class DropsTheBatch:  # runs while row 0 is read, before row 1 (a numpy row) is
+        def __index__(self):
+            batch.clear()
+            gc.collect()
+            return 1
+
+    batch[:] = [[DropsTheBatch(), 2], np.arange(100, 103)]
+    out = pad_shift_mask(batch, pad_token_id=0, backend="cpu")
+    assert out["input_ids"].tolist() == [[1, 2, 0], [100, 101, 102]]
 
 
 def test_no_native_fallbacks(monkeypatch):
