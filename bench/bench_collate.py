@@ -15,8 +15,8 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
       that returns new tensors does (the output allocations are a fixed ~1.5 us each on a CPU)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
-  its automatic choice (one thread per 2^18 output elements, at most one per core) is one thread at the small
-  shapes, and up to 3 at the large numpy-only shape B=64 x 2048-4096.
+  its automatic choice (one thread per 2^19 output elements, at most torch.get_num_threads()) is then one
+  thread too.
   That large shape writes 6 MB per batch. Whether fresh outputs that big cost page faults on every call depends
   on the process's heap under glibc's malloc (freed big blocks may go back to the OS and be faulted in again:
   a small fresh process cloning three 2 MB tensors in a loop faulted every time; this benchmark's process, whose

@@ -313,7 +313,7 @@ def _tensor_row_seqs(rows, name: str) -> Optional[_Seqs]:
     # concatenate among themselves, and their values are checked when read, as numpy rows are.
     if flat.ndim != 1 or flat.dtype.is_floating_point or flat.dtype.is_complex:
         return None
-    # numel = len() for 1-D rows. At batch sizes, Python's sum / max / min of a list beat numpy's calls.
+    # numel = len() for 1-D rows. At batch sizes, max / min of a Python list beat numpy's calls.
     counts = list(map(torch.Tensor.numel, rows))
     offsets = np.array(list(itertools.accumulate(counts, initial=0)), dtype=np.int64)
     return _Seqs(name, flat=flat, offsets=offsets, lengths=np.array(counts, dtype=np.int64),
@@ -321,8 +321,9 @@ def _tensor_row_seqs(rows, name: str) -> Optional[_Seqs]:
 
 
 def _row_seqs(value, name: str) -> _Seqs:
-    """A non-empty list or tuple of rows: measured (in C++ when built), CPU tensor rows read through numpy views,
-    device tensor rows concatenated into one flat device buffer."""
+    """A non-empty list or tuple of rows (those _tensor_row_seqs did not take): measured (in C++ when built), CPU
+    tensor rows read through numpy views, device tensor rows checked one by one, then concatenated into one flat
+    device buffer."""
     lengths, other, extent, opened = _row_lengths(value, name)
     if not other:
         return _Seqs(name, rows=value, lengths=lengths, extent=extent, opened=opened)
