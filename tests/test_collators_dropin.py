@@ -281,9 +281,12 @@ def test_extra_fields(kind, return_tensors):
     for key, make in extras.items():
         feats = [dict(f, **{key: make(i)}) for i, f in enumerate(base)]
         compare(kind, feats, tok, return_tensors=return_tensors)
-        # the same extra when the token rows are arrays (transformers then converts every field to lists first)
+        # the same extra when the token rows are arrays or tensors (transformers then converts every field to
+        # lists first), beside list rows of token_type_ids / special_tokens_mask
         arrays = [dict(f, input_ids=np.asarray(f["input_ids"], dtype=np.int32)) for f in feats]
         compare(kind, arrays, tok, return_tensors=return_tensors)
+        tensors = [dict(f, input_ids=torch.tensor(f["input_ids"])) for f in feats]
+        compare(kind, tensors, tok, return_tensors=return_tensors)
 
 
 @pytest.mark.parametrize("kind", ["seq2seq", "padding", "token", "lm"])
