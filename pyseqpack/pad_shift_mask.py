@@ -754,23 +754,37 @@ def _cpu_fill(cpu, B: int, L: int, Ll: int, opts: _Options, want: tuple, tokens,
     return outs
 
 
+def _express_field(cpu, rows, name: str):
+    """One field of the express path: (values for psm_fill, their offsets or None, the lengths as int64 bytes,
+    longest, shortest), or None when the general path must take it. Rows that are all CPU tensors are
+    concatenated (_tensor_row_seqs); other rows are measured and opened in C++ (psm_row_lengths, which raises
+    the general path's error for a row that is not a sequence)."""
+    if isinstance(rows[0], torch.Tensor):
+        seqs = _tensor_row_seqs(rows, name) if rows[0].device.type == "cpu" else None
+        if seqs is None or seqs.device.type != "cpu":
+            return None
+        return (*_cpu_source(seqs), seqs.lengths.tobytes(), *seqs.extent)
+    lengths, other, longest, shortest, opened = cpu.psm_row_lengths(rows, name)
+    return None if other else (opened, None, lengths, longest, shortest)
+
+
 def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position, shift, num_threads):
     """The collation hot path, with nothing but the C++ calls and the allocations in between: rows (lists,
-    tuples, 1-D integer buffers) of input_ids, labels None / "input_ids" / rows, extras as rows, no offsets,
-    prompts or loss masks, CPU outputs (the caller checked those arguments).
+    tuples, 1-D integer buffers, CPU tensors) of input_ids, labels None / "input_ids" / rows, extras as rows, no
+    offsets, prompts or loss masks, CPU outputs (the caller checked those arguments).
 
     Returns None for anything else, or when any rule of the general path would fail (a labels rule, a length
-    rule, a field not shaped like input_ids, a tensor row...): the general path then runs and computes the
-    same outputs or raises its error. Rows that are not sequences at all raise here, with the general path's
-    message (psm_row_lengths is its own measuring call); bad values raise from psm_fill, as there."""
+    rule, a field not shaped like input_ids, rows of mixed kinds...): the general path then runs and computes
+    the same outputs or raises its error. Rows that are not sequences at all raise here, with the general
+    path's message (psm_row_lengths is its own measuring call); bad values raise from psm_fill, as there."""
     cpu = _native.cpu_module_or_none()
-    if cpu is None or type(input_ids) not in (list, tuple) or not input_ids or isinstance(input_ids[0], torch.Tensor):
-        return None  # tensor rows: the general path concatenates them (measuring each here would be wasted)
+    if cpu is None or type(input_ids) not in (list, tuple) or not input_ids:
+        return None
     if labels is None:
         if shift or opts.decoder_start_token_id is not None:
             return None
         kind = LABELS_NONE
-    elif type(labels) in (list, tuple) and not (labels and isinstance(labels[0], torch.Tensor)):
+    elif type(labels) in (list, tuple) and labels:
         kind = LABELS_GIVEN
     elif isinstance(labels, str) and labels == "input_ids":
         kind = LABELS_DERIVED
@@ -781,14 +795,20 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
     if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
         return None
 
-    lengths, other, longest, shortest, tokens = cpu.psm_row_lengths(input_ids, "input_ids")
-    L = -1 if other else _fitted_width(opts, longest, shortest)
+    field = _express_field(cpu, input_ids, "input_ids")
+    if field is None:
+        return None
+    tokens, tok_offsets, lengths, longest, shortest = field
+    L = _fitted_width(opts, longest, shortest)
     if L < 0:
         return None
-    B, Ll, lab_rows = len(input_ids), L, None
+    B, Ll, lab_values, lab_offsets = len(input_ids), L, None, None
     if kind == LABELS_GIVEN:
-        _, other, longest, _, lab_rows = cpu.psm_row_lengths(labels, "labels")
-        Ll = -1 if other or len(labels) != B else _fitted_width(opts, longest)
+        field = _express_field(cpu, labels, "labels")
+        if field is None or len(labels) != B:
+            return None
+        lab_values, lab_offsets, _, longest, _ = field
+        Ll = _fitted_width(opts, longest)
         if Ll < 0:
             return None
     extra_args = ()
@@ -799,18 +819,18 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
         extra_args = []
         for name, spec in extras.items():
             if (type(name) is not str or name in OUTPUT_KEYS or type(spec) is not tuple or len(spec) != 2
-                    or type(spec[0]) not in (list, tuple) or type(spec[1]) is not int or not lo <= spec[1] <= hi
-                    or (spec[0] and isinstance(spec[0][0], torch.Tensor))):
+                    or type(spec[0]) not in (list, tuple) or not spec[0] or type(spec[1]) is not int
+                    or not lo <= spec[1] <= hi):
                 return None
-            extra_lengths, other, _, _, rows = cpu.psm_row_lengths(spec[0], name)
-            if other or extra_lengths != lengths:  # the same lengths as input_ids (bytes equal, so B too)
+            field = _express_field(cpu, spec[0], name)
+            if field is None or field[2] != lengths:  # the same lengths as input_ids (bytes equal, so B too)
                 return None
-            extra_args.append((name, rows, None, spec[1]))
+            extra_args.append((name, field[0], field[1], spec[1]))
         extra_args = tuple(extra_args)
     want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(attention), bool(shift),
                    bool(position), False)
-    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, None, kind, lab_rows, None, None, None, None, extra_args,
-                     num_threads)
+    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, tok_offsets, kind, lab_values, lab_offsets, None, None, None,
+                     extra_args, num_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
