@@ -768,10 +768,11 @@ def _express_field(cpu, rows, name: str):
     return None if other else (opened, None, lengths, longest, shortest)
 
 
-def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position, shift, num_threads):
+def _express_cpu(input_ids, labels, prompt_lengths, loss_masks, extras, opts: _Options, attention, position, shift,
+                 loss, num_threads):
     """The collation hot path, with nothing but the C++ calls and the allocations in between: rows (lists,
-    tuples, 1-D integer buffers, CPU tensors) of input_ids, labels None / "input_ids" / rows, extras as rows, no
-    offsets, prompts or loss masks, CPU outputs (the caller checked those arguments).
+    tuples, 1-D integer buffers, CPU tensors) of input_ids, labels None / "input_ids" / rows, host prompt
+    lengths, loss masks and extras as rows, no offsets, CPU outputs (the caller checked those arguments).
 
     Returns None for anything else, or when any rule of the general path would fail (a labels rule, a length
     rule, a field not shaped like input_ids, rows of mixed kinds...): the general path then runs and computes
@@ -794,6 +795,14 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
         return None
     if opts.decoder_start_token_id is not None and opts.pad_token_id is None:
         return None
+    if prompt_lengths is None:
+        if loss:
+            return None
+    elif (kind != LABELS_DERIVED and not loss) or (isinstance(prompt_lengths, torch.Tensor)
+                                                    and prompt_lengths.device.type != "cpu"):
+        return None
+    if loss_masks is not None and (kind != LABELS_DERIVED or type(loss_masks) not in (list, tuple) or not loss_masks):
+        return None
 
     field = _express_field(cpu, input_ids, "input_ids")
     if field is None:
@@ -811,6 +820,13 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
         Ll = _fitted_width(opts, longest)
         if Ll < 0:
             return None
+    prompt = None if prompt_lengths is None else _prompt_lengths(prompt_lengths, B)
+    mask_values = mask_offsets = None
+    if loss_masks is not None:
+        field = _express_field(cpu, loss_masks, "loss_masks")
+        if field is None or field[2] != lengths:  # shaped like input_ids
+            return None
+        mask_values, mask_offsets = field[:2]
     extra_args = ()
     if extras:
         if type(extras) is not dict:
@@ -828,9 +844,9 @@ def _express_cpu(input_ids, labels, extras, opts: _Options, attention, position,
             extra_args.append((name, field[0], field[1], spec[1]))
         extra_args = tuple(extra_args)
     want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(attention), bool(shift),
-                   bool(position), False)
-    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, tok_offsets, kind, lab_values, lab_offsets, None, None, None,
-                     extra_args, num_threads)
+                   bool(position), bool(loss))
+    return _cpu_fill(cpu, B, L, Ll, opts, want, tokens, tok_offsets, kind, lab_values, lab_offsets, prompt,
+                     mask_values, mask_offsets, extra_args, num_threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1136,11 +1152,9 @@ def pad_shift_mask(
     if num_threads is not None and (type(num_threads) is not int or num_threads < 1):
         _check_threads(num_threads)
     if ((device is None or type(device) in (str, torch.device) and device in ("cpu", _CPU))
-            and type(backend) is str and backend in ("auto", "cpu")
-            and offsets is None and label_offsets is None and prompt_lengths is None and loss_masks is None
-            and not return_loss_mask):
-        out = _express_cpu(input_ids, labels, extras, opts, return_attention_mask, return_position_ids,
-                           return_shift_labels, num_threads)
+            and type(backend) is str and backend in ("auto", "cpu") and offsets is None and label_offsets is None):
+        out = _express_cpu(input_ids, labels, prompt_lengths, loss_masks, extras, opts, return_attention_mask,
+                           return_position_ids, return_shift_labels, return_loss_mask, num_threads)
         if out is not None:
             return out
     src = _as_seqs(input_ids, offsets, "input_ids", "offsets")

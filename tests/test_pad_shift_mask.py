@@ -484,6 +484,15 @@ def express_calls(draw):
         B_labels = rarely(B + 1, B)
         labels = rows_of(draw(st.lists(st.integers(0, 12), min_size=B_labels, max_size=B_labels)))
     kw["labels"] = rarely("tokens", labels)
+    derived = labels == "input_ids"
+    if derived or rarely(True, False):  # completion-only / multi-turn masks (a rule broken now and then)
+        if draw(st.booleans()):
+            kw["prompt_lengths"] = rarely([-1] * B, draw(st.lists(st.integers(0, 14), min_size=B, max_size=B)))
+            kw["return_loss_mask"] = draw(st.booleans())
+        else:
+            kw["return_loss_mask"] = rarely(True, False)
+        if draw(st.booleans()):
+            kw["loss_masks"] = rows_of(rarely([n + 1 for n in lengths], lengths), st.integers(0, rarely(2, 1)))
     if kw["truncation"] or kw["padding"] == "max_length":
         ml = draw(st.integers(1, 14))
         kw["max_length"] = ml if kw["truncation"] else rarely(ml, max(ml, 12))
@@ -537,7 +546,10 @@ def test_express_path_takes_the_collation_calls():
                        extras={"token_type_ids": ([[1, 1], [1]], 0)}, return_attention_mask=False)
         pad_shift_mask(rows, labels=[[1, 2], [3]], pad_token_id=0, decoder_start_token_id=0, dtype=torch.int32,
                        padding="max_length", max_length=4, truncation=True, backend="cpu", pad_to_multiple_of=8)
-    assert taken == [True, True, True]
+        pad_shift_mask([torch.arange(4), torch.arange(2)], labels="input_ids", prompt_lengths=[2, 1],  # SFT
+                       loss_masks=[[1, 1, 0, 1], [1, 1]], return_loss_mask=True, return_position_ids=True,
+                       pad_token_id=0)
+    assert taken == [True, True, True, True]
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
