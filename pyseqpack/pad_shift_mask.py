@@ -85,8 +85,9 @@ plans each example from the device offsets (it then needs ``truncation=True``, s
 detected, and ``pad_token_id``), so the op is one kernel launch plus the output allocations.
 
 Backends. "torch" is the plain reference (and the fallback). "cpu" reads Python lists / buffers in C++ in one pass,
-writing each output once (O(B) Python work; a list of tensors is first joined by one torch.cat). "triton" and "cuda" launch one kernel for all outputs, from a flat
-token buffer and its offsets; every native kernel plans each example with plan_row of csrc/pad_shift_mask.h.
+writing each output once (O(B) Python work; a list of tensors is first joined by one torch.cat). "triton" and
+"cuda" launch one kernel for all outputs, from a flat token buffer and its offsets; every native kernel plans each
+example with plan_row of csrc/pad_shift_mask.h.
 "auto": "cpu" for CPU outputs when pyseqpack._C is built, else "torch"; on CUDA "cuda" when
 pyseqpack.pad_shift_mask_cuda provides a kernel, else "triton", else "torch" (a Triton compile or launch failure
 under "auto" warns once and falls back to "torch"). A backend asked for by name that cannot run raises

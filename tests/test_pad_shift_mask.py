@@ -727,8 +727,9 @@ def test_tensor_rows(backend):
     as_lists = [r.tolist() for r in t_rows]
     masks = [[1, 0, 1, 1], [1], [], [0, 1, 1]]
     for kw in (dict(labels="input_ids", loss_masks=masks, extras={"tt": ([[2] * len(r) for r in rows], 0)}),
-               dict(labels="input_ids", loss_masks=[torch.tensor(m, dtype=torch.int64) for m in masks], padding_side="left",
-                    truncation=True, max_length=3, truncation_side="left", return_position_ids=True),
+               dict(labels="input_ids", loss_masks=[torch.tensor(m, dtype=torch.int64) for m in masks],
+                    padding_side="left", truncation=True, max_length=3, truncation_side="left",
+                    return_position_ids=True),
                dict(labels=[torch.tensor([1, 2]), torch.tensor([3]), torch.tensor([], dtype=torch.int64),
                             torch.tensor([4, 5, 6, 7])], decoder_start_token_id=0, dtype=torch.int32)):
         plain = {k: [x.tolist() if isinstance(x, torch.Tensor) else x for x in v]
