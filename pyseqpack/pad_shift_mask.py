@@ -814,8 +814,8 @@ def _express_cpu(input_ids, labels, prompt_lengths, loss_masks, extras, opts: _O
         return None
     B, Ll, lab_values, lab_offsets = len(input_ids), L, None, None
     if kind == LABELS_GIVEN:
-        field = _express_field(cpu, labels, "labels")
-        if field is None or len(labels) != B:
+        field = _express_field(cpu, labels, "labels") if len(labels) == B else None
+        if field is None:
             return None
         lab_values, lab_offsets, _, longest, _ = field
         Ll = _fitted_width(opts, longest)
