@@ -341,8 +341,11 @@ def _row_seqs(value, name: str) -> _Seqs:
             if r.ndim != 1:
                 raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {r.ndim}-D tensor")
             _check_int_array(r, f"{name}[{b}]")
+        # Valid rows reach this only when torch.cat cannot join their own dtypes (a wide unsigned type beside
+        # others): device data is cast, not value-checked (module docstring), so they are joined as int64.
         off = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        return _Seqs(name, flat=torch.cat(rows), offsets=off, lengths=lengths, extent=extent)
+        return _Seqs(name, flat=torch.cat([r.to(torch.int64) for r in rows]), offsets=off, lengths=lengths,
+                     extent=extent, from_rows=True)
     for b in tensor_rows:  # CPU tensors are read through their numpy view: O(1) each
         if rows[b].ndim != 1:
             raise TypeError(f"{name}[{b}]: expected a 1-D sequence, got a {rows[b].ndim}-D tensor")

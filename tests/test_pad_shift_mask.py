@@ -751,6 +751,19 @@ def test_tensor_rows(backend):
                        pad_token_id=0, backend=backend)
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_gpu_tensor_rows():
+    """Rows on the GPU: joined by torch.cat on the device; rows of dtypes cat cannot join (uint16 beside int64)
+    are cast to int64 first; rows beside host rows are an error naming both."""
+    dev = torch.device("cuda")
+    rows = [torch.tensor([1, 2], device=dev), torch.tensor([3], dtype=torch.int32, device=dev)]
+    assert pad_shift_mask(rows, pad_token_id=0)["input_ids"].tolist() == [[1, 2], [3, 0]]
+    mixed = [torch.tensor([1, 2], dtype=torch.uint16, device=dev), torch.tensor([3], device=dev)]
+    assert pad_shift_mask(mixed, pad_token_id=0)["input_ids"].tolist() == [[1, 2], [3, 0]]
+    with pytest.raises(ValueError, match=r"rows on a CUDA device must all be tensors on that one device"):
+        pad_shift_mask([rows[0], [3]], pad_token_id=0)
+
+
 @pytest.mark.skipif(not _native.cpu_available(), reason="the C++ CPU module is not built")
 def test_row_shrunk_while_read_is_an_error():
     """An __index__ that empties its own row while the C++ backend reads it: a clear error, no stale read."""
