@@ -132,8 +132,10 @@ struct Field {
 //          PyArray_Descr* descr, int flags
 //   dtype  PyObject_HEAD, PyTypeObject* typeobj, char kind, char type, char byteorder, char flags, int type_num
 // so an exact numpy.ndarray of one dimension and a builtin integer type in native byte order is read from
-// them (a few ns); anything else goes through the buffer protocol. The first numpy row seen checks this
-// layout against the buffer protocol on probe arrays, and the fast path stays off if anything differs.
+// them (a few ns); anything else goes through the buffer protocol. Each entry point first makes sure this
+// layout was checked against the buffer protocol on probe arrays, once numpy is imported (no array exists
+// before), and before it reads any row: the check runs Python code. The fast path stays off if anything
+// differs.
 struct NpArrayHead {
   PyObject_HEAD
   char* data;
@@ -189,19 +191,17 @@ bool read_ndarray_fields(PyObject* obj, RowSource* out) {
 }
 
 // The layout check: reading probe arrays (every integer type, strided, and the ones that must be declined)
-// from numpy's fields gives what the buffer protocol gives. Runs once, on the first exact ndarray row.
-void check_numpy_layout(PyTypeObject* ndarray) {
+// from numpy's fields gives what the buffer protocol gives. `np` is the numpy module.
+void check_numpy_layout(PyObject* np) {
   g_numpy_state = -1;
-  PyObject* np = PyImport_ImportModule("numpy");
-  if (np == nullptr) {
+  PyObject* ty = PyObject_GetAttrString(np, "ndarray");
+  if (ty == nullptr || !PyType_Check(ty)) {
+    Py_XDECREF(ty);
     PyErr_Clear();
     return;
   }
-  PyObject* ty = PyObject_GetAttrString(np, "ndarray");
-  const bool same = ty == reinterpret_cast<PyObject*>(ndarray);
-  Py_XDECREF(ty);
-  g_ndarray = ndarray;
-  bool ok = same;
+  g_ndarray = reinterpret_cast<PyTypeObject*>(ty);  // kept: a reference for the life of the process
+  bool ok = true;
   const char* kinds[] = {"int64", "int32", "int16", "int8", "uint64", "uint32", "uint16", "uint8", "bool",
                          "intc", "int_", "longlong", ">i4", "float32"};
   PyObject* two = PyLong_FromLong(2);
@@ -237,17 +237,23 @@ void check_numpy_layout(PyTypeObject* ndarray) {
     Py_XDECREF(base);
   }
   Py_XDECREF(every_other);
-  Py_DECREF(np);
   if (PyErr_Occurred()) PyErr_Clear();
   g_numpy_state = ok ? 1 : -1;
 }
 
+// Runs the layout check once numpy is imported (it runs Python code: call it before reading any row). With
+// `import_numpy`, imports numpy to check it (for numpy_rows_fast).
+void ensure_numpy_checked(bool import_numpy = false) {
+  if (g_numpy_state != 0) return;
+  static PyObject* const name = PyUnicode_InternFromString("numpy");  // kept for the life of the process
+  PyObject* np = name == nullptr ? nullptr : import_numpy ? PyImport_Import(name) : PyImport_GetModule(name);
+  if (np != nullptr) check_numpy_layout(np);
+  Py_XDECREF(np);
+  PyErr_Clear();
+}
+
 // Opens a numpy row from its fields when the fast path applies (true, a reference kept in `f`).
 bool open_ndarray(PyObject* obj, Field& f, RowSource* out) {
-  if (g_numpy_state == 0) {
-    if (std::strcmp(Py_TYPE(obj)->tp_name, "numpy.ndarray") != 0) return false;
-    check_numpy_layout(Py_TYPE(obj));
-  }
   if (g_numpy_state != 1 || !read_ndarray_fields(obj, out)) return false;
   Py_INCREF(obj);
   f.arrays.push_back(obj);
@@ -822,17 +828,10 @@ int64_t choose_threads(int64_t requested, int64_t max_threads, int64_t B, int64_
 // ---- Python entry points ----------------------------------------------------------------------------------------
 
 // numpy_rows_fast() -> bool: whether numpy rows are read from numpy's fields (see "numpy rows" above), checking
-// the layout first if no numpy row has been seen yet (importing numpy; False without it). For the environment
-// report and the tests.
+// the layout first if that was not done yet (importing numpy; False without it). For the environment report and
+// the tests.
 PyObject* numpy_rows_fast(PyObject*, PyObject*) {
-  if (g_numpy_state == 0) {
-    PyObject* np = PyImport_ImportModule("numpy");
-    PyObject* ty = np ? PyObject_GetAttrString(np, "ndarray") : nullptr;
-    if (ty != nullptr && PyType_Check(ty)) check_numpy_layout(reinterpret_cast<PyTypeObject*>(ty));
-    Py_XDECREF(ty);
-    Py_XDECREF(np);
-    PyErr_Clear();
-  }
+  ensure_numpy_checked(true);
   return PyBool_FromLong(g_numpy_state == 1);
 }
 
@@ -847,6 +846,7 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "psm_row_lengths(rows, name: str)");
     return nullptr;
   }
+  ensure_numpy_checked();
   PyObject* seq = PySequence_Fast(args[0], "psm_row_lengths: expected a sequence of rows");
   if (seq == nullptr) return nullptr;
   const Py_ssize_t B = PySequence_Fast_GET_SIZE(seq);
@@ -936,6 +936,7 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_Format(PyExc_TypeError, "pyseqpack._C.psm_fill takes %d positional arguments", static_cast<int>(kNumArgs));
     return nullptr;
   }
+  ensure_numpy_checked();
   Problem p;
   bool ok = true;
   int64_t B, trunc_left, pad_left, itemsize, kind, requested_threads, max_threads;
@@ -1048,6 +1049,7 @@ PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_gather takes 9 positional arguments");
     return nullptr;
   }
+  ensure_numpy_checked();
   bool ok = true;
   int64_t B, trunc_left, itemsize, is_mask;
   psm::Layout lay{};
