@@ -176,7 +176,7 @@ PyTypeObject* g_ndarray = nullptr;  // numpy.ndarray once its layout is checked
 int g_numpy_state = 0;              // 0: not checked yet, 1: fast path on, -1: off
 
 // `obj` read from numpy's fields when it is an exact ndarray of one dimension and a builtin integer type in
-// native byte order (needs g_numpy_state == 1); false leaves `out` alone.
+// native byte order; false leaves `out` alone. Trusted only once the layout check passed (open_ndarray).
 bool read_ndarray_fields(PyObject* obj, RowSource* out) {
   if (Py_TYPE(obj) != g_ndarray) return false;
   const auto* a = reinterpret_cast<const NpArrayHead*>(obj);
@@ -215,10 +215,8 @@ void check_numpy_layout(PyObject* np) {
     if (probe == nullptr) {
       ok = false;
     } else {
-      g_numpy_state = 1;  // read as the fast path would
       RowSource fast;
       const bool read = read_ndarray_fields(probe, &fast);
-      g_numpy_state = -1;
       Py_buffer v;
       if (PyObject_GetBuffer(probe, &v, PyBUF_RECORDS_RO) < 0) {
         ok = false;
