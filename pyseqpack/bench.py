@@ -3,7 +3,8 @@
 Runs the benchmark files of the ``bench/`` folder of a pyseqpack checkout through pytest-benchmark (all
 implementations of a comparison in one run), then turns pytest-benchmark's JSON into
 
-* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals,
+* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals, and
+                     the bandwidth fits (time against bytes over the sizes of a series, e.g. numpy collation),
 * ``results.md``     the same as markdown tables,
 * ``speedup.png``    speedup against sequence length (collation) and vocabulary size (cross-entropy),
 
@@ -146,7 +147,46 @@ def summarize(raw: dict) -> dict:
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     goals = [_goal(r, g, references.get(r["group"]), by_group[r["group"]]) for r in rows for g in _declared(r)]
-    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals}
+    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals, "fits": bandwidth_fits(rows)}
+
+
+def bandwidth_fits(rows: list) -> list:
+    """How an implementation's time grows with the bytes it writes: the least-squares line
+    median = fixed + bytes / bandwidth  through its rows of one series (3 or more sizes). A benchmark puts a
+    row in a series with extra_info["fit_series"] (the collation benchmark: the numpy groups).
+
+    A per-call GB/s mixes two costs: moving the bytes, and a fixed cost per call (argument handling, output
+    allocations) that dominates small batches. The fit separates them: `gbps` is the rate of each extra byte,
+    compared with the series' reference row's own fit (`vs_reference`, memcpy), and `fixed_s` the cost of a
+    call that writes nothing. It only means that where time is close to linear in bytes, i.e. where per-row
+    and per-element costs are small beside them (numpy rows, not Python lists); `max_deviation`, the largest
+    |fit - median| / median over the sizes, shows how close.
+    """
+    series = {}
+    for r in rows:
+        kind = r["info"].get("fit_series")
+        if kind and r["bytes"] and r["median_s"] > 0:
+            series.setdefault((kind, r["impl"]), []).append(r)
+    fits = []
+    for (kind, impl), rs in series.items():
+        x = [float(r["bytes"]) for r in rs]
+        y = [r["median_s"] for r in rs]
+        if len(set(x)) < 3:
+            continue
+        mx, my = sum(x) / len(x), sum(y) / len(y)
+        slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sum((a - mx) ** 2 for a in x)
+        fixed = my - slope * mx
+        fits.append({
+            "series": kind, "impl": impl, "role": rs[0]["role"], "sizes": len(x),
+            "gbps": 1 / slope / 1e9 if slope > 0 else None,
+            "fixed_s": fixed,
+            "max_deviation": max(abs(fixed + slope * a - b) / b for a, b in zip(x, y)),
+        })
+    reference = {f["series"]: f["gbps"] for f in fits if f["role"] == "reference"}
+    for f in fits:
+        ref = reference.get(f["series"])
+        f["vs_reference"] = f["gbps"] / ref if f["gbps"] and ref else None
+    return fits
 
 
 def _declared(row: dict) -> list:
@@ -253,6 +293,20 @@ def render_markdown(summary: dict, plot_name=None) -> str:
         for g in summary["goals"]:
             met = {True: "yes", False: "**no**", None: "-"}[g["met"]]
             lines.append(f"| {g['goal']} | {g['impl']} | {g['measured'] or 'not measured'} | {g['wanted']} | {met} |")
+    if summary.get("fits"):
+        lines += ["", "## Bandwidth fit", "",
+                  "Each implementation's medians over the sizes of one series (the numpy collation groups), "
+                  "fitted as median = fixed + bytes / bandwidth (least squares). GB/s here is the rate of each "
+                  "extra byte; \"vs reference\" compares it with the reference row's own fit (memcpy); \"fixed\" "
+                  "is the cost of a call that writes nothing (argument handling, allocations). A large "
+                  "deviation means time is not linear in bytes and the line says little.", "",
+                  "| series | implementation | sizes | GB/s per extra byte | vs reference | fixed per call "
+                  "| max deviation |", "|---|---|---:|---:|---:|---:|---:|"]
+        for f in sorted(summary["fits"], key=lambda f: (f["series"], _ROLE_ORDER.get(f["role"], 9), f["impl"])):
+            vs = f["vs_reference"]
+            lines.append(f"| {f['series']} | {f['impl']} | {f['sizes']} | {_fmt(f['gbps'], '.1f')} "
+                         f"| {_fmt(None if vs is None else 100 * vs, '.0f')}{'%' if vs is not None else ''} "
+                         f"| {f['fixed_s'] * 1e6:.1f} us | {100 * f['max_deviation']:.0f}% |")
     notes = {
         "collate": "bytes = output bytes (every tensor of the batch); the list/numpy groups run on the CPU.",
         "ce": "bytes = one read of the logits + one write of their gradient (2 x N x V x element size); "

@@ -95,6 +95,7 @@ pyseqpack.BackendUnavailable saying why. Every argument is validated before anyt
 """
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import importlib
@@ -297,12 +298,12 @@ def _as_seqs(value, offsets, name: str, offsets_name: str) -> _Seqs:
     return _row_seqs(value, name)
 
 
-def _tensor_row_seqs(rows, name: str) -> Optional[_Seqs]:
-    """Rows that are all 1-D integer tensors on one device (``dataset.with_format("torch")``): one flat buffer
-    (torch.cat, one op; no sync on a GPU) with host offsets, instead of a conversion per row (a numpy view
-    costs about 0.6 us, len() of a tensor 0.4 us). None for anything else (rows of several devices or of float,
-    unsigned or mixed wide types, a row that is not 1-D...): _row_seqs then checks each row and names the
-    culprit."""
+def _cat_tensor_rows(rows):
+    """Rows that are all 1-D integer tensors on one device (``dataset.with_format("torch")``) joined into one
+    flat buffer: (flat, row lengths as a list), or None for anything else (rows of several devices or of float,
+    unsigned or mixed wide types, a row that is not 1-D...). One torch.cat (no sync on a GPU) instead of a
+    conversion per row (a numpy view costs about 0.6 us, len() of a tensor 0.4 us); it copies the rows once,
+    which on a CPU costs what a memcpy of them does."""
     if not all([isinstance(r, torch.Tensor) for r in rows]):
         return None
     try:
@@ -314,9 +315,17 @@ def _tensor_row_seqs(rows, name: str) -> Optional[_Seqs]:
     # concatenate among themselves, and their values are checked when read, as numpy rows are.
     if flat.ndim != 1 or flat.dtype.is_floating_point or flat.dtype.is_complex:
         return None
-    # numel = len() for 1-D rows. At batch sizes, running sums and max / min of a Python list beat numpy's calls
-    # (_offsets_of: about 2 us).
-    counts = list(map(torch.Tensor.numel, rows))
+    return flat, list(map(torch.Tensor.numel, rows))  # numel = len() for 1-D rows
+
+
+def _tensor_row_seqs(rows, name: str) -> Optional[_Seqs]:
+    """_cat_tensor_rows as a field with host offsets; None where it declines (_row_seqs then checks each row
+    and names the culprit)."""
+    joined = _cat_tensor_rows(rows)
+    if joined is None:
+        return None
+    flat, counts = joined
+    # At batch sizes, running sums and max / min of a Python list beat numpy's calls (_offsets_of: about 2 us).
     offsets = np.array(list(itertools.accumulate(counts, initial=0)), dtype=np.int64)
     return _Seqs(name, flat=flat, offsets=offsets, lengths=np.array(counts, dtype=np.int64),
                  extent=(max(counts), min(counts)), from_rows=True)
@@ -758,13 +767,15 @@ def _cpu_fill(cpu, B: int, L: int, Ll: int, opts: _Options, want: tuple, tokens,
 def _express_field(cpu, rows, name: str):
     """One field of the express path: (values for psm_fill, their offsets or None, the lengths as int64 bytes,
     longest, shortest), or None when the general path must take it. Rows that are all CPU tensors are
-    concatenated (_tensor_row_seqs); other rows are measured and opened in C++ (psm_row_lengths, which raises
+    concatenated (_cat_tensor_rows); other rows are measured and opened in C++ (psm_row_lengths, which raises
     the general path's error for a row that is not a sequence)."""
     if isinstance(rows[0], torch.Tensor):
-        seqs = _tensor_row_seqs(rows, name) if rows[0].device.type == "cpu" else None  # cat: every row on the CPU
-        if seqs is None:
+        joined = _cat_tensor_rows(rows) if rows[0].is_cpu else None  # cat: every row on the CPU
+        if joined is None:
             return None
-        return (*_cpu_source(seqs), seqs.lengths.tobytes(), *seqs.extent)
+        flat, counts = joined  # integer: .numpy() needs no detach; array("q"): native int64, like psm_row_lengths
+        return (flat.numpy(), array.array("q", itertools.accumulate(counts, initial=0)),
+                array.array("q", counts).tobytes(), max(counts), min(counts))
     lengths, other, longest, shortest, opened = cpu.psm_row_lengths(rows, name)
     return None if other else (opened, None, lengths, longest, shortest)
 

@@ -74,6 +74,29 @@ def test_summary_speedup_gbps_and_goals():
     assert fused["accuracy overhead"]["met"] is True and fused["accuracy overhead"]["measured"].startswith("+2.0%")
 
 
+def test_bandwidth_fit_splits_fixed_and_per_byte_costs():
+    # a numpy series at three sizes: ours takes 8 us + bytes at 40 GB/s, memcpy 1 us + bytes at 50 GB/s; the
+    # list series has two sizes only (no fit); rows without bytes or outside any series are left out.
+    raw = {"pyseqpack": {}, "benchmarks": []}
+    for nbytes in (4 * 10**5, 8 * 10**5, 6 * 10**6):
+        g = f"numpy {nbytes}"
+        raw["benchmarks"] += [_bench(g, "ours", "ours", 8e-6 + nbytes / 40e9, nbytes=nbytes, fit_series="numpy"),
+                              _bench(g, "memcpy", "reference", 1e-6 + nbytes / 50e9, nbytes=nbytes,
+                                     fit_series="numpy"),
+                              _bench(g, "no bytes", "other", 1e-3, fit_series="numpy"),
+                              _bench(g, "not in a series", "other", 1e-3, nbytes=nbytes)]
+    for nbytes in (10**5, 10**6):
+        raw["benchmarks"].append(_bench(f"list {nbytes}", "ours", "ours", 1e-4, nbytes=nbytes, fit_series="list"))
+    fits = {(f["series"], f["impl"]): f for f in bench.summarize(raw)["fits"]}
+    assert set(fits) == {("numpy", "ours"), ("numpy", "memcpy")}
+    ours = fits["numpy", "ours"]
+    assert ours["gbps"] == pytest.approx(40.0) and ours["fixed_s"] == pytest.approx(8e-6)
+    assert ours["vs_reference"] == pytest.approx(0.8) and ours["max_deviation"] == pytest.approx(0, abs=1e-9)
+    assert ours["sizes"] == 3
+    md = bench.render_markdown(bench.summarize(raw))
+    assert "| numpy | ours | 3 | 40.0 | 80% | 8.0 us | 0% |" in md
+
+
 def test_summary_rejects_two_baselines():
     raw = _raw()
     raw["benchmarks"].append(_bench("g1", "torch", "baseline", 1e-3))
