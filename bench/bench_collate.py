@@ -33,7 +33,9 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
   synchronize per call; the launch-only rows also record the kernel's GPU time from torch's profiler (CUPTI),
   the figure without the host.
 
-GB/s = output bytes / median (the bytes a collator must write; the inputs are read once too).
+GB/s = output bytes / median (the bytes a collator must write; the inputs are read once too). The numpy groups
+form one fit series: the report fits each implementation's medians over them as fixed + bytes / bandwidth, which
+tells its rate per byte (against memcpy's) from its fixed cost per call.
 Before timing, every implementation's output is checked against the baseline's, so a fast wrong
 result fails the benchmark instead of being reported.
 """

@@ -38,11 +38,19 @@ namespace {
 
 enum class Elem { kBool, kI8, kU8, kI16, kU16, kI32, kU32, kI64, kU64 };
 
-// Maps a struct-module format ("q", "<i", "?") and itemsize to an integer element type. Floats and
-// anything else are rejected (returns false).
-bool parse_format(const Py_buffer& v, Elem* out) {
+// Maps a struct-module format ("q", "<i", ">q", "?") and itemsize to an integer element type. Floats and
+// anything else are rejected (returns false). A big-endian format (">", "!") sets *swapped, or is rejected
+// where the caller cannot swap (swapped == nullptr).
+bool parse_format(const Py_buffer& v, Elem* out, bool* swapped = nullptr) {
   const char* f = v.format ? v.format : "B";
-  if (*f == '@' || *f == '=' || *f == '<') ++f;
+  if (swapped != nullptr) *swapped = false;
+  if (*f == '>' || *f == '!') {
+    if (swapped == nullptr) return false;
+    *swapped = true;
+    ++f;
+  } else if (*f == '@' || *f == '=' || *f == '<') {
+    ++f;
+  }
   if (f[0] == '\0' || f[1] != '\0') return false;
   const bool is_signed = f[0] == 'b' || f[0] == 'h' || f[0] == 'i' || f[0] == 'l' || f[0] == 'q' || f[0] == 'n';
   const bool is_unsigned = f[0] == 'B' || f[0] == 'H' || f[0] == 'I' || f[0] == 'L' || f[0] == 'Q' || f[0] == 'N';
@@ -98,6 +106,7 @@ struct RowSource {
   const char* data = nullptr;
   Py_ssize_t stride = 0;
   Elem elem = Elem::kI64;
+  bool swapped = false;  // a big-endian buffer: each element's bytes are reversed when read
   int64_t len = 0;
 };
 
@@ -308,7 +317,7 @@ bool open_source(PyObject* obj, Field& f, int64_t b, RowSource* out) {
       return source_error(PyExc_TypeError, f, b,
                           "expected a 1-D sequence, got a " + std::to_string(v.ndim) + "-D array");
     }
-    if (!parse_format(v, &elem)) {
+    if (!parse_format(v, &elem, &out->swapped)) {
       return source_error(PyExc_TypeError, f, b, "expected integer values, got a " + format_name(v) + " array");
     }
     out->data = static_cast<const char*>(v.buf);
@@ -391,7 +400,18 @@ bool fail(Failure* fl, Fault fault, const Field& f, int64_t b, int64_t index, in
 
 bool in_range(const Field& f, int64_t v) { return v >= f.lo && v <= f.hi; }
 
-template <typename T>
+// One element of type T at p, which may be unaligned (numpy views), its bytes reversed when Swap.
+template <typename T, bool Swap>
+inline T load(const char* p) {
+  T x;
+  std::memcpy(&x, p, sizeof(T));
+  if constexpr (Swap && sizeof(T) == 2) x = static_cast<T>(__builtin_bswap16(static_cast<uint16_t>(x)));
+  if constexpr (Swap && sizeof(T) == 4) x = static_cast<T>(__builtin_bswap32(static_cast<uint32_t>(x)));
+  if constexpr (Swap && sizeof(T) == 8) x = static_cast<T>(__builtin_bswap64(static_cast<uint64_t>(x)));
+  return x;
+}
+
+template <typename T, bool Swap>
 bool read_buffer(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t base,
                  int64_t* dst, Failure* fl) {
   // Locals, not Field / RowSource members: dst stores could alias them (a reload per element otherwise).
@@ -403,17 +423,12 @@ bool read_buffer(const RowSource& s, const Field& f, int64_t b, int64_t start, i
     // contiguous row converts in a plain loop that the compiler vectorizes.
     if (lo <= static_cast<int64_t>(std::numeric_limits<T>::min()) &&
         hi >= static_cast<int64_t>(std::numeric_limits<T>::max()) && stride == static_cast<Py_ssize_t>(sizeof(T))) {
-      for (int64_t k = 0; k < count; ++k) {
-        T x;
-        std::memcpy(&x, p + k * static_cast<int64_t>(sizeof(T)), sizeof(T));  // unaligned views too
-        dst[k] = static_cast<int64_t>(x);
-      }
+      for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<int64_t>(load<T, Swap>(p + k * sizeof(T)));
       return true;
     }
   }
   for (int64_t k = 0; k < count; ++k, p += stride) {
-    T x;
-    std::memcpy(&x, p, sizeof(T));  // numpy rows may be unaligned views
+    const T x = load<T, Swap>(p);
     if constexpr (std::is_same_v<T, uint64_t>) {
       if (x > static_cast<uint64_t>(INT64_MAX)) return fail(fl, Fault::kOverflow, f, b, start - base + k, 0, std::to_string(x));
     }
@@ -500,6 +515,24 @@ bool read_sequence(const RowSource& s, const Field& f, int64_t b, int64_t start,
   return true;
 }
 
+// read_buffer for the source's element type.
+template <bool Swap>
+bool read_typed(const RowSource& s, const Field& f, int64_t b, int64_t start, int64_t count, int64_t base,
+                int64_t* dst, Failure* fl) {
+  switch (s.elem) {
+    case Elem::kBool:
+    case Elem::kU8: return read_buffer<uint8_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI8: return read_buffer<int8_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI16: return read_buffer<int16_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU16: return read_buffer<uint16_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI32: return read_buffer<int32_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU32: return read_buffer<uint32_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kI64: return read_buffer<int64_t, Swap>(s, f, b, start, count, base, dst, fl);
+    case Elem::kU64: return read_buffer<uint64_t, Swap>(s, f, b, start, count, base, dst, fl);
+  }
+  return false;
+}
+
 // Points *out at example b's values [rel, rel + count) as int64, `rel` counted from the example's first value
 // (whatever the field's form: its own row, or its window of a flat buffer), so that fields of different forms
 // line up; element k of *out is the k-th kept value. In place, or staged in `scratch`. Returns false after
@@ -511,7 +544,7 @@ bool stage(const Field& f, int64_t b, int64_t rel, int64_t count, std::vector<in
   const int64_t end = f.flat ? std::min<int64_t>(f.bases[b + 1], s.len) : s.len;
   const int64_t start = base + rel;
   if (rel < 0 || count < 0 || count > end - start) return fail(fl, Fault::kChanged, f, b, rel, 0);
-  if (s.seq == nullptr && s.elem == Elem::kI64 && s.stride == 8 &&
+  if (s.seq == nullptr && s.elem == Elem::kI64 && !s.swapped && s.stride == 8 &&
       reinterpret_cast<uintptr_t>(s.data) % alignof(int64_t) == 0) {
     const int64_t* p = reinterpret_cast<const int64_t*>(s.data) + start;
     if (f.lo != INT64_MIN || f.hi != INT64_MAX) {
@@ -525,18 +558,8 @@ bool stage(const Field& f, int64_t b, int64_t rel, int64_t count, std::vector<in
   int64_t* dst = scratch.data();  // may be nullptr when count == 0: then it is never dereferenced
   *out = dst;
   if (s.seq != nullptr) return read_sequence(s, f, b, start, count, dst, fl);
-  switch (s.elem) {
-    case Elem::kBool:
-    case Elem::kU8: return read_buffer<uint8_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kI8: return read_buffer<int8_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kI16: return read_buffer<int16_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kU16: return read_buffer<uint16_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kI32: return read_buffer<int32_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kU32: return read_buffer<uint32_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kI64: return read_buffer<int64_t>(s, f, b, start, count, base, dst, fl);
-    case Elem::kU64: return read_buffer<uint64_t>(s, f, b, start, count, base, dst, fl);
-  }
-  return false;
+  return s.swapped ? read_typed<true>(s, f, b, start, count, base, dst, fl)
+                   : read_typed<false>(s, f, b, start, count, base, dst, fl);
 }
 
 void raise_failure(const Failure& fl) {

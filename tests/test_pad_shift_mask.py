@@ -328,11 +328,12 @@ def test_numpy_rows_read_from_their_fields():
     tests above then check those reads. Arrays it declines (subclasses, other byte orders, 2-D) go through the
     buffer protocol, with its errors. A row stays alive while it is read, even if the batch drops it."""
     assert _native.cpu_module().numpy_rows_fast()
-    rows = [np.arange(5, dtype=np.int16), np.arange(12, dtype=np.uint64)[::4], np.arange(3).view(np.memmap)]
+    rows = [np.arange(5, dtype=np.int16), np.arange(12, dtype=np.uint64)[::4], np.arange(3).view(np.memmap),
+            np.arange(2, dtype=">i4")]
     assert pad_shift_mask(rows, pad_token_id=9, backend="cpu")["input_ids"].tolist() == [
-        [0, 1, 2, 3, 4], [0, 4, 8, 9, 9], [0, 1, 2, 9, 9]]
-    with pytest.raises(TypeError, match=r"input_ids\[1\]: expected integer values, got a format '>i' array"):
-        pad_shift_mask([np.arange(2), np.arange(2, dtype=">i4")], pad_token_id=0, backend="cpu")
+        [0, 1, 2, 3, 4], [0, 4, 8, 9, 9], [0, 1, 2, 9, 9], [0, 1, 9, 9, 9]]
+    with pytest.raises(TypeError, match=r"input_ids\[1\]: expected integer values, got a float32 array"):
+        pad_shift_mask([np.arange(2), np.arange(2, dtype=np.float32)], pad_token_id=0, backend="cpu")
     with pytest.raises(TypeError, match=r"input_ids\[0\]: expected a 1-D sequence, got a 0-D array"):
         pad_shift_mask([np.array(5)], pad_token_id=0, backend="cpu")
 
@@ -347,6 +348,43 @@ def test_numpy_rows_read_from_their_fields():
     batch[:] = [[DropsTheBatch(), 2], np.arange(100, 103)]
     out = pad_shift_mask(batch, pad_token_id=0, backend="cpu")
     assert out["input_ids"].tolist() == [[1, 2, 0], [100, 101, 102]]
+
+
+def _unaligned(values, dtype):
+    """A numpy array of `values` whose data starts one byte past an aligned address."""
+    raw = np.zeros(1 + len(values) * np.dtype(dtype).itemsize, dtype=np.uint8)
+    raw[1:] = np.asarray(values, dtype=dtype).view(np.uint8)
+    out = raw[1:].view(dtype)
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_numpy_rows_of_any_layout(backend, device):
+    """numpy rows in every memory layout numpy makes (unaligned, big-endian, reversed, a field of a record
+    array, read-only) read as the same values as Python lists of them, as input_ids and as labels."""
+    rng = np.random.default_rng(7)
+    records = np.zeros(6, dtype=[("flag", "u1"), ("token", "<i8")])  # packed: the token field is unaligned
+    records["token"] = rng.integers(0, 1000, 6)
+    frozen = rng.integers(0, 1000, 4)
+    frozen.setflags(write=False)
+    rows = [_unaligned(rng.integers(0, 1000, 5), np.int64), _unaligned(rng.integers(0, 1000, 3), np.int32),
+            rng.integers(0, 1000, 7).astype(">i8"), rng.integers(0, 1000, 2).astype(">u2"),
+            rng.integers(0, 1000, 6).astype(">i4")[::-2], rng.integers(0, 1000, 9)[::-1], records["token"], frozen,
+            np.array([2**63 - 1], dtype=">u8")]
+    lists = [[int(v) for v in r] for r in rows]
+    kw = dict(pad_token_id=0, labels=rows[::-1], prompt_lengths=[1] * len(rows), return_loss_mask=True,
+              return_position_ids=True, device=device)
+    ref = pad_shift_mask(lists, backend="torch", **{**kw, "labels": lists[::-1]})
+    assert_same(pad_shift_mask(rows, backend=backend, **kw), ref)
+    assert_same(pad_shift_mask(rows, backend=backend, **{**kw, "labels": "input_ids"}),
+                pad_shift_mask(lists, backend="torch", **{**kw, "labels": "input_ids"}))
+    # and their values are checked as any row's
+    with pytest.raises(ValueError, match=r"input_ids\[1\]\[0\]: 9223372036854775808 is out of the int64 range"):
+        pad_shift_mask([[1], np.array([2**63], dtype=">u8")], pad_token_id=0, backend=backend, device=device)
+    with pytest.raises(ValueError, match=r"input_ids\[0\]\[1\]: 2147483648 does not fit in the output dtype"):
+        pad_shift_mask([np.array([1, 2**31], dtype=">i8")], pad_token_id=0, backend=backend, device=device,
+                       dtype=torch.int32)
 
 
 def test_no_native_fallbacks(monkeypatch):
