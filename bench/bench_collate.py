@@ -12,7 +12,7 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
     - pyseqpack.pad_shift_mask, one row per backend that runs on the CPU
     - memcpy of the output bytes                                  (reference: the speed limit)
     - clone of the finished batch: one fresh tensor per output + memcpy into it, i.e. the least any collator
-      that returns new tensors does (the output allocations are a fixed ~1.5 us each on a CPU)
+      that returns new tensors does (the output allocations are a fixed ~1 us each on a CPU)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
   its automatic choice (one thread per 2^19 output elements, at most torch.get_num_threads()) is then one

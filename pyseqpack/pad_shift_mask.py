@@ -500,10 +500,15 @@ def _kept(n: np.ndarray, opts: _Options) -> np.ndarray:
     return np.minimum(n, opts.max_length) if opts.truncation else n
 
 
+def _extent(seqs: _Seqs) -> tuple:
+    """(longest, shortest) of the lengths: as measured in C++ when the rows were, else from the lengths."""
+    return seqs.extent or (int(seqs.lengths.max()), int(seqs.lengths.min()))
+
+
 def _kept_extent(seqs: _Seqs, opts: _Options) -> tuple:
     """(longest, shortest) kept counts; min(n, max_length) is monotone in n, so the extremes of the lengths
     give them."""
-    longest, shortest = seqs.extent or (int(seqs.lengths.max()), int(seqs.lengths.min()))
+    longest, shortest = _extent(seqs)
     if opts.truncation:
         return min(longest, opts.max_length), min(shortest, opts.max_length)
     return longest, shortest
@@ -533,8 +538,7 @@ def _fitted_width(opts: _Options, longest: int, shortest: int = -1) -> int:
 
 def _host_widths(src: _Seqs, lab: Optional[_Seqs], opts: _Options, kind: int) -> _Widths:
     """L and Ll from host lengths, checking every length rule (rows too long, a pad token needed but missing)."""
-    longest, shortest = src.extent or (int(src.lengths.max()), int(src.lengths.min()))
-    L = _fitted_width(opts, longest, shortest)
+    L = _fitted_width(opts, *_extent(src))
     if L < 0:
         longest = _kept_extent(src, opts)[0]
         L = opts.padded_length(longest)
@@ -546,7 +550,7 @@ def _host_widths(src: _Seqs, lab: Optional[_Seqs], opts: _Options, kind: int) ->
                          f"length {L}); pass pad_token_id")
     Ll = L
     if kind == LABELS_GIVEN:
-        Ll = _fitted_width(opts, lab.extent[0] if lab.extent else int(lab.lengths.max()))
+        Ll = _fitted_width(opts, _extent(lab)[0])
         if Ll < 0:
             _check_fits(lab, opts.padded_length(_kept_extent(lab, opts)[0]), opts, "labels")
     return _Widths(L, Ll)
