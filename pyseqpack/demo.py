@@ -379,7 +379,7 @@ def main(argv=None) -> int:
         import tokenizers  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
-        print(f"demo: needs transformers and tokenizers ({e}); `pip install pyseqpack[hf]`", file=sys.stderr)
+        print(f"demo: needs transformers and tokenizers ({e}); `pip install '.[hf]'` in the pyseqpack checkout", file=sys.stderr)
         return 2
     kinds = ("t5", "llama") if args.model == "both" else (args.model,)
     print(f"pyseqpack demo: {', '.join(kinds)}; torch {torch.__version__}, transformers {transformers.__version__}, "
