@@ -16,9 +16,8 @@ needs_checkout = pytest.mark.skipif(not IN_CHECKOUT, reason="the tests do not ru
 
 
 def _python(code, cwd, *args):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, *args, "-c", code] if code else [sys.executable, *args],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 @needs_checkout
