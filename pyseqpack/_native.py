@@ -142,7 +142,9 @@ def triton_available(device=None) -> bool:
         return True
     kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
     if kind == "cuda":
-        return True
+        import torch
+
+        return torch.cuda.is_available()
     return kind == "cpu" and triton_interpret()
 
 
@@ -152,8 +154,8 @@ def require_triton(device) -> None:
         raise BackendUnavailable(f'backend "triton" is unavailable: {err}')
     if not triton_available(device):
         raise BackendUnavailable(
-            f'backend "triton" cannot run on device {device}: Triton needs a CUDA tensor, or CPU tensors with '
-            "TRITON_INTERPRET=1 set before triton is imported"
+            f'backend "triton" cannot run on device {device}: Triton needs a CUDA device that torch can use, or '
+            "CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
         )
 
 
