@@ -343,11 +343,108 @@ def _row_order(r):
             _ROLE_ORDER.get(r["role"], 9), r["impl"])
 
 
-def plot(summary: dict, path) -> bool:
-    """Speedup over the baseline against sequence length (collate) and vocab size (ce). False if no data.
+# Plot: one figure, panels of at most MAX_SERIES series each (a suite's rows are split by input kind, dtype, ...).
+MAX_SERIES = 8
 
-    One line per implementation and variant (input kind; tokens and dtype): the colour is the implementation,
-    the line style and marker the variant.
+_INPUT_TITLES = {
+    "list": "Python list rows", "numpy": "numpy rows", "tensor": "CPU tensor rows",
+    "flat-cpu": "flat int64 buffer + offsets, CPU", "flat-cuda": "flat int64 buffer + offsets, GPU",
+}
+
+
+def _panel_of(row: dict):
+    """(suite, panel title) of a row: collation split by input kind (cold calls and the drop-ins apart),
+    cross-entropy by dtype."""
+    info, suite = row["info"], row["suite"]
+    if suite == "collate":
+        if info.get("cache") == "cold":
+            return suite, "collation, cold calls (caches swept before each call)"
+        if row["group"].startswith("collators"):
+            return suite, "each drop-in collator vs the class it replaces, Python lists"
+        kind = info.get("input")
+        return suite, f"collation, {_INPUT_TITLES.get(kind, kind)}"
+    if suite == "ce":
+        return suite, f"cross-entropy, forward + backward, {info.get('dtype', '?')} logits"
+    return suite, suite
+
+
+def _category(row: dict) -> str:
+    """The x tick of a row: its group's shape, short."""
+    info = row["info"]
+    if row["suite"] == "collate":
+        if row["group"].startswith("collators"):
+            return _wrap(row["group"].split()[1].replace("_", " ").replace("+", " + "), 10)
+        shape = f"B={info.get('batch', '?')}\n{info.get('len_lo', '?')}-{info.get('len_hi', '?')}"
+        return f"{info.get('input')} {shape}" if info.get("cache") == "cold" else shape
+    if row["suite"] == "ce":
+        return f"N={info.get('tokens', '?')}\nV={info.get('vocab', '?')}"
+    return row["group"]
+
+
+_XLABELS = {("collate", False): "batch size B, row lengths (tokens, uniform)",
+            ("collate", True): "B=32 rows of 64-512 tokens; collator", ("ce", False): "tokens N, vocabulary size V"}
+
+
+def _series_of(row: dict) -> str:
+    if row["group"].startswith("collators") and row["role"] == "ours":
+        return "pyseqpack's drop-in of that class"
+    return row["impl"]
+
+
+def _is_reference(row: dict) -> bool:
+    """Rows that bound what an implementation can do rather than compete: memcpy (role "reference") and the
+    clone of the finished batch (the least a collator returning fresh tensors does)."""
+    return row["role"] == "reference" or row["impl"].startswith("clone of")
+
+
+def _plot_panels(summary: dict) -> list:
+    """[(suite, title, categories, {series: [(category, speedup)]}, {series: kind}, baselines)], every panel at
+    most MAX_SERIES series; kind is "ours", "other" or "reference"."""
+    grouped = {}
+    suites = {"collate": 0, "ce": 1}
+    for r in sorted(summary["rows"], key=lambda r: (suites.get(r["suite"], 2), r["suite"], _row_order(r))):
+        if r["speedup"] is None:
+            continue
+        grouped.setdefault(_panel_of(r), []).append(r)
+    panels = []
+    for (suite, title), rows in grouped.items():
+        categories = list(dict.fromkeys(_category(r) for r in rows))
+        baselines = sorted({r["impl"] for r in rows if r["role"] == "baseline"})
+        series, kinds = {}, {}
+        for r in rows:
+            if r["role"] == "baseline":
+                continue
+            name = _series_of(r)
+            series.setdefault(name, []).append((_category(r), r["speedup"]))
+            kinds[name] = "reference" if _is_reference(r) else "ours" if r["role"] == "ours" else "other"
+        if not series:
+            continue
+        refs = [n for n in series if kinds[n] == "reference"]
+        rest = sorted((n for n in series if kinds[n] != "reference"), key=lambda n: (kinds[n] != "ours", n))
+        room = max(MAX_SERIES - len(refs), 1)
+        chunks = [rest[i:i + room] for i in range(0, len(rest), room)] or [[]]
+        for i, names in enumerate(chunks):
+            part = f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+            chosen = names + refs
+            panels.append((suite, title + part, categories, {n: series[n] for n in chosen},
+                           {n: kinds[n] for n in chosen}, baselines))
+    return panels
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False)) or text
+
+
+def plot(summary: dict, path) -> bool:
+    """Speedup over each group's baseline, one panel per suite and input kind / dtype (split so that no panel
+    holds more than MAX_SERIES series); x = the groups' shapes. False if there is nothing to plot.
+
+    pyseqpack's rows: coloured solid lines, filled markers. Other implementations: coloured dashed lines, hollow
+    markers. References (memcpy, the clone row): grey dotted lines, hollow markers. The baseline: the grey
+    dashed line at 1x. Within a suite an implementation keeps its colour in every panel (when the suite has 10
+    or fewer), and within a panel no two share one.
     """
     import matplotlib
 
@@ -355,53 +452,77 @@ def plot(summary: dict, path) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    panels = []
-    for suite, xkey, xlabel, variant_keys in (
-        ("collate", "len_hi", "sequence length: rows drawn uniformly up to this many tokens", ("input",)),
-        ("ce", "vocab", "vocabulary size V", ("tokens", "dtype")),
-    ):
-        lines = {}
-        for r in summary["rows"]:
-            x = r["info"].get(xkey)
-            if r["suite"] != suite or r["role"] in ("baseline", "reference") or r["speedup"] is None or x is None:
-                continue
-            variant = ", ".join(f"{k}={r['info'][k]}" for k in variant_keys if r["info"].get(k) is not None)
-            lines.setdefault((r["impl"], variant), []).append((x, r["speedup"]))
-        if lines:
-            panels.append((suite, xlabel, lines))
+    panels = _plot_panels(summary)
     if not panels:
         return False
-    meta = summary["meta"]
     colors = plt.get_cmap("tab10").colors
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 3)), "P")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), squeeze=False)
-    for ax, (suite, xlabel, lines) in zip(axes[0], panels):
-        impls = sorted({impl for impl, _ in lines})
-        variants = sorted({variant for _, variant in lines})
-        for (impl, variant), pts in sorted(lines.items()):
-            pts.sort()
-            ls, marker = styles[variants.index(variant) % len(styles)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker,
-                    color=colors[impls.index(impl) % len(colors)], label=f"{impl} ({variant})" if variant else impl)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log")
+    greys = [("0.45", "s", ":"), ("0.2", "D", "-."), ("0.6", "^", (0, (1, 1)))]
+    suite_colors = {}
+    for suite in dict.fromkeys(p[0] for p in panels):
+        names = list(dict.fromkeys(n for p in panels if p[0] == suite for n, k in p[4].items() if k != "reference"))
+        names.sort(key=lambda n: next(p[4][n] != "ours" for p in panels if p[0] == suite and n in p[4]))
+        suite_colors[suite] = {n: colors[i] for i, n in enumerate(names)} if len(names) <= len(colors) else None
+
+    # Each suite starts a new row of two panels.
+    ncols, cells, row_of = 2, [], 0
+    for suite in dict.fromkeys(p[0] for p in panels):
+        mine = [p for p in panels if p[0] == suite]
+        for i, p in enumerate(mine):
+            cells.append((row_of + i // ncols, i % ncols, p))
+        row_of += (len(mine) + ncols - 1) // ncols
+    nrows = row_of
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.8 * ncols, 6.4 * nrows), squeeze=False,
+                             layout="constrained")
+    used = set()
+    for r, c, (suite, title, categories, series, kinds, baselines) in cells:
+        used.add((r, c))
+        ax = axes[r][c]
+        palette = suite_colors[suite] or {}
+        spare = iter(col for col in colors if col not in {palette.get(n) for n in series})
+        n = len(series)
+        step = min(0.09, 0.5 / max(n, 1))
+        grey = iter(greys)
+        for i, (name, pts) in enumerate(series.items()):
+            pos = {cat: j for j, cat in enumerate(categories)}
+            pts = sorted(pts, key=lambda p: pos[p[0]])
+            xs = [pos[p[0]] + (i - (n - 1) / 2) * step for p in pts]
+            ys = [p[1] for p in pts]
+            kind = kinds[name]
+            if kind == "reference":
+                color, marker, ls = next(grey, greys[-1])
+                style = dict(color=color, marker=marker, ls=ls, lw=1.6, mfc="white", mew=1.6, ms=8)
+            else:
+                color = palette.get(name) or next(spare, "black")
+                style = dict(color=color, marker="o" if kind == "ours" else "s", ls="-" if kind == "ours" else "--",
+                             lw=2.2 if kind == "ours" else 1.6, ms=8,
+                             mfc=color if kind == "ours" else "white", mew=1.6)
+            label = f"{name} (reference)" if kind == "reference" else name
+            ax.plot(xs, ys, label=_wrap(label, 46), **style)
+        base = "; ".join(baselines)
+        if suite == "collate" and title.startswith("each drop-in"):
+            base = "the transformers / TRL class each replaces"
+        ax.axhline(1.0, color="0.35", lw=1.4, ls="--", label=_wrap(f"baseline = 1x: {base}", 46))
         ax.set_yscale("log")
-        xs = sorted({p[0] for pts in lines.values() for p in pts})
-        ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels(categories, fontsize=12)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_xlabel(_XLABELS.get((suite, title.startswith("each drop-in")), ""), fontsize=12)
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("speedup over the baseline (median time ratio)")
-        base = sorted({r["baseline"] for r in summary["rows"] if r["suite"] == suite and r["baseline"]})
-        ax.set_title(f"{suite}: baseline = {'; '.join(base)}", fontsize=8)
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-        ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle(f"pyseqpack, {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')}\n"
-                 f"{meta.get('command', '')}", fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        ax.tick_params(axis="y", labelsize=12)
+        ax.set_ylabel("speedup over the baseline (median time)", fontsize=12)
+        ax.set_title(_wrap(title, 52), fontsize=14, fontweight="bold")
+        ax.grid(True, which="major", alpha=0.35)
+        ax.legend(fontsize=12, loc="upper center", bbox_to_anchor=(0.5, -0.19), ncol=1, frameon=False)
+    for r in range(nrows):
+        for c in range(ncols):
+            if (r, c) not in used:
+                axes[r][c].axis("off")
+    meta = summary["meta"]
+    fig.suptitle(f"pyseqpack: {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')[:10]}\n"
+                 f"{meta.get('command', '')}", fontsize=13)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
