@@ -147,7 +147,32 @@ def summarize(raw: dict) -> dict:
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     goals = [_goal(r, g, references.get(r["group"]), by_group[r["group"]]) for r in rows for g in _declared(r)]
-    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals, "fits": bandwidth_fits(rows)}
+    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals, "fits": bandwidth_fits(rows),
+            "warm_cold": warm_cold(rows)}
+
+
+def warm_cold(rows: list) -> list:
+    """Each cold row beside the same implementation's warm row.
+
+    A cold row (extra_info["cache"] == "cold") names its warm group in extra_info["warm_group"]: the same
+    inputs timed back to back. Each entry has both medians and IQRs, cold / warm, and the speedup over each
+    group's own baseline (transformers' collator timed warm, and cold).
+    """
+    by_key = {(r["group"], r["impl"]): r for r in rows}
+    out = []
+    for r in rows:
+        group = r["info"].get("warm_group")
+        if r["info"].get("cache") != "cold" or not group:
+            continue
+        warm = by_key.get((group, r["impl"]))
+        out.append({
+            "case": group, "impl": r["impl"], "role": r["role"], "baseline": r["baseline"],
+            "warm_s": warm["median_s"] if warm else None, "warm_iqr_s": warm["iqr_s"] if warm else None,
+            "cold_s": r["median_s"], "cold_iqr_s": r["iqr_s"],
+            "cold_over_warm": r["median_s"] / warm["median_s"] if warm and warm["median_s"] > 0 else None,
+            "speedup_warm": warm["speedup"] if warm else None, "speedup_cold": r["speedup"],
+        })
+    return out
 
 
 def bandwidth_fits(rows: list) -> list:
@@ -307,6 +332,20 @@ def render_markdown(summary: dict, plot_name=None) -> str:
             lines.append(f"| {f['series']} | {f['impl']} | {f['sizes']} | {_fmt(f['gbps'], '.1f')} "
                          f"| {_fmt(None if vs is None else 100 * vs, '.0f')}{'%' if vs is not None else ''} "
                          f"| {f['fixed_s'] * 1e6:.1f} us | {100 * f['max_deviation']:.0f}% |")
+    if summary.get("warm_cold"):
+        lines += ["", "## Warm and cold", "",
+                  "Warm: the same call back to back (the collation groups above). Cold: one call per round after "
+                  "an untimed sweep of the caches (the \"cold\" groups), as a call in a training loop finds "
+                  "them after the step's other work. Speedups are over transformers' collator timed the same "
+                  "way on the same inputs.", "",
+                  "| case | implementation | warm median | cold median | cold / warm | speedup warm | speedup cold |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for w in sorted(summary["warm_cold"], key=lambda w: (w["case"], _ROLE_ORDER.get(w["role"], 9), w["impl"])):
+            warm = "-" if w["warm_s"] is None else _fmt_time(w["warm_s"])
+            lines.append(f"| {w['case']} | {w['impl']}{' (baseline)' if w['role'] == 'baseline' else ''} "
+                         f"| {warm} | {_fmt_time(w['cold_s'])} | {_fmt(w['cold_over_warm'], '.2f')} "
+                         f"| {_fmt(w['speedup_warm'], '.1f')}{'x' if w['speedup_warm'] is not None else ''} "
+                         f"| {_fmt(w['speedup_cold'], '.1f')}{'x' if w['speedup_cold'] is not None else ''} |")
     notes = {
         "collate": "bytes = output bytes (every tensor of the batch); the list/numpy groups run on the CPU.",
         "ce": "bytes = one read of the logits + one write of their gradient (2 x N x V x element size); "
@@ -576,7 +615,7 @@ def _parser():
     p.add_argument("--cold-l2", action="store_true", help="flush the caches before every timed round")
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="torch / native threads of the CPU benchmarks (default 1: one DataLoader worker's share)")
-    p.add_argument("--label", help='machine description for the reports, e.g. "CPU-only dev box, 2 cores"')
+    p.add_argument("--label", help="what the machine is, in words, printed in every report")
     p.add_argument("--from-json", type=Path, help="only re-render reports from an existing benchmark.json")
     return p
 
