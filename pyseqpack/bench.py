@@ -3,10 +3,12 @@
 Runs the benchmark files of the ``bench/`` folder of a pyseqpack checkout through pytest-benchmark (all
 implementations of a comparison in one run), then turns pytest-benchmark's JSON into
 
-* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals, and
-                     the bandwidth fits (time against bytes over the sizes of a series, e.g. numpy collation),
+* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals, the
+                     bandwidth fits (time against bytes over the sizes of a series, e.g. numpy collation), and
+                     each cold collation row beside its warm row,
 * ``results.md``     the same as markdown tables,
-* ``speedup.png``    speedup against sequence length (collation) and vocabulary size (cross-entropy),
+* ``speedup.png``    speedup over the baseline per group shape: one panel per suite and input kind (collation)
+                     or dtype (cross-entropy), at most MAX_SERIES series in each,
 
 next to the raw ``benchmark.json``, in ``--out`` (default ``bench/results/<device>-<date>/``). All of them
 carry the device, library versions, date and the exact command.
@@ -460,13 +462,19 @@ def _plot_panels(summary: dict) -> list:
             continue
         refs = [n for n in series if kinds[n] == "reference"]
         rest = sorted((n for n in series if kinds[n] != "reference"), key=lambda n: (kinds[n] != "ours", n))
+        parts = [("", rest)]
+        if suite == "ce" and len(series) > MAX_SERIES:
+            # every implementation with token accuracy in one panel, loss-only rows in the other
+            parts = [(": with token accuracy", [n for n in rest if "loss only" not in n]),
+                     (": loss only", [n for n in rest if "loss only" in n])]
         room = max(MAX_SERIES - len(refs), 1)
-        chunks = [rest[i:i + room] for i in range(0, len(rest), room)] or [[]]
-        for i, names in enumerate(chunks):
-            part = f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""
-            chosen = names + refs
-            panels.append((suite, title + part, categories, {n: series[n] for n in chosen},
-                           {n: kinds[n] for n in chosen}, baselines))
+        for what, names in parts:
+            chunks = [names[i:i + room] for i in range(0, len(names), room)] or [[]]
+            for i, chunk in enumerate(chunks):
+                part = f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+                chosen = chunk + refs
+                panels.append((suite, title + what + part, categories, {n: series[n] for n in chosen},
+                               {n: kinds[n] for n in chosen}, baselines))
     return panels
 
 
@@ -503,19 +511,29 @@ def plot(summary: dict, path) -> bool:
         suite_colors[suite] = {n: colors[i] for i, n in enumerate(names)} if len(names) <= len(colors) else None
 
     # Each suite starts a new row of two panels.
-    ncols, cells, row_of = 2, [], 0
+    ncols, cells, row_of = min(2, len(panels)), [], 0
     for suite in dict.fromkeys(p[0] for p in panels):
         mine = [p for p in panels if p[0] == suite]
         for i, p in enumerate(mine):
             cells.append((row_of + i // ncols, i % ncols, p))
         row_of += (len(mine) + ncols - 1) // ncols
     nrows = row_of
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.8 * ncols, 6.4 * nrows), squeeze=False,
-                             layout="constrained")
-    used = set()
+    # Under each row of plots, a row of legends as tall as its longest legend (in text lines).
+    line_in = 0.25
+    legend_lines = [1] * nrows
+    for r, c, p in cells:
+        lines = sum(_wrap(n, 46).count("\n") + 1 for n in p[3]) + 2
+        legend_lines[r] = max(legend_lines[r], lines)
+    plot_in = 4.6
+    heights = [h for r in range(nrows) for h in (plot_in, line_in * legend_lines[r] + 0.3)]
+    fig, grid = plt.subplots(2 * nrows, ncols, figsize=(6.8 * ncols, sum(heights) + 0.8), squeeze=False,
+                             layout="constrained", gridspec_kw={"height_ratios": heights})
+    for row in grid:
+        for a in row:
+            a.axis("off")
     for r, c, (suite, title, categories, series, kinds, baselines) in cells:
-        used.add((r, c))
-        ax = axes[r][c]
+        ax = grid[2 * r][c]
+        ax.axis("on")
         palette = suite_colors[suite] or {}
         spare = iter(col for col in colors if col not in {palette.get(n) for n in series})
         n = len(series)
@@ -553,14 +571,11 @@ def plot(summary: dict, path) -> bool:
         ax.set_ylabel("speedup over the baseline (median time)", fontsize=12)
         ax.set_title(_wrap(title, 52), fontsize=14, fontweight="bold")
         ax.grid(True, which="major", alpha=0.35)
-        ax.legend(fontsize=12, loc="upper center", bbox_to_anchor=(0.5, -0.19), ncol=1, frameon=False)
-    for r in range(nrows):
-        for c in range(ncols):
-            if (r, c) not in used:
-                axes[r][c].axis("off")
+        handles, labels = ax.get_legend_handles_labels()
+        grid[2 * r + 1][c].legend(handles, labels, fontsize=12, loc="upper center", ncol=1, frameon=False)
     meta = summary["meta"]
     fig.suptitle(f"pyseqpack: {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')[:10]}\n"
-                 f"{meta.get('command', '')}", fontsize=13)
+                 f"{_wrap(meta.get('command', ''), 62 * ncols)}", fontsize=12)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -155,6 +155,17 @@ def test_plot_panels_split_suites_and_series():
     assert first[4]["impl01"] == "ours" and second[4]["impl10"] == "other"
     assert panels[3][3] == {"fused": [("N=512\nV=32000", 2.0)]}
 
+    # a dtype with more than MAX_SERIES cross-entropy rows: the rows with accuracy apart from the loss-only ones
+    g = "ce N=512 V=32000 bf16"
+    ce = [_bench(g, "eager", "baseline", 1.0, suite="ce", dtype="bf16", tokens=512, vocab=32000)]
+    ce += [_bench(g, f"fused[{b}]", "ours", 0.2, suite="ce", dtype="bf16", tokens=512, vocab=32000) for b in "abcde"]
+    ce += [_bench(g, f"drop-in, loss only[{b}]", "ours", 0.2, suite="ce", dtype="bf16", tokens=512, vocab=32000)
+           for b in "abcde"]
+    panels = bench._plot_panels(bench.summarize({"pyseqpack": {}, "benchmarks": ce}))
+    assert [(p[1], sorted(p[3])) for p in panels] == [
+        ("cross-entropy, forward + backward, bf16 logits: with token accuracy", [f"fused[{b}]" for b in "abcde"]),
+        ("cross-entropy, forward + backward, bf16 logits: loss only", [f"drop-in, loss only[{b}]" for b in "abcde"])]
+
 
 def test_summary_rejects_two_baselines():
     raw = _raw()
