@@ -164,12 +164,21 @@ def _us(s: float) -> str:
 
 
 def run(before, after, *, mode: str, blocks: int, cold_rounds: int, out=print) -> list:
-    """Time every case; print and return the markdown table's lines."""
+    """Time every case with one torch thread; print and return the markdown table's lines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            # transformers' collator warns about its numpy path on every call: that slowness is what is timed.
+            warnings.filterwarnings("ignore", message="Creating a tensor from a list of numpy.ndarrays")
+            return _run(before, after, mode=mode, blocks=blocks, cold_rounds=cold_rounds, out=out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(before, after, *, mode, blocks, cold_rounds, out):
     from transformers import DataCollatorForSeq2Seq
 
-    torch.set_num_threads(1)
-    # transformers' collator warns about its numpy path on every call: that slowness is what is timed.
-    warnings.filterwarnings("ignore", message="Creating a tensor from a list of numpy.ndarrays")
     tokenizer = H.make_tokenizer()
     sweep = H.CacheSweep(torch.device("cpu"))
     hf_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")

@@ -228,6 +228,28 @@ def test_smoke_run_end_to_end(tmp_path):
     assert json.loads((again / "summary.json").read_text())["rows"] == summary["rows"]
 
 
+def test_before_after_table_on_tiny_cases():
+    # bench/before_after.py's timing and table, with the installed pyseqpack on both sides (building an older
+    # commit needs the repository's history and a compiler: the script's own run covers that)
+    import importlib.util
+
+    import pyseqpack
+
+    spec = importlib.util.spec_from_file_location("before_after", REPO / "bench" / "before_after.py")
+    ba = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ba)
+    printed = []
+    lines = ba.run(pyseqpack, pyseqpack, mode="smoke", blocks=3, cold_rounds=3, out=printed.append)
+    assert lines[0].startswith("| case | call | warm before | warm after | cold before | cold after |")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("| list B=4 len=8-32", "pad_shift_mask[cpu]"),
+                                            ("| list B=4 len=8-32", "DataCollatorForSeq2Seq")]
+    for r in rows:
+        assert all(cell.endswith((" us", " ms")) for cell in r[2:8]), r
+        assert "x -> " in r[8] and "x -> " in r[9], r
+    assert printed[:len(lines)] == lines
+
+
 def test_bench_dir_is_found_from_the_checkout(monkeypatch):
     # Editable install: next to the package; installed copy (CI): ./bench of the checkout being tested.
     monkeypatch.chdir(REPO)
