@@ -372,6 +372,9 @@ def _parser():
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    p.add_argument("--cpu-threads", type=_non_negative, default=1,
+                   help="torch's CPU threads during the run (default 1, a DataLoader worker's share; one thread "
+                        "also waits least on other work of the machine; 0: torch's own default)")
     p.add_argument("--warmup", type=_non_negative, default=2,
                    help="first steps left out of the timings as warm-up (default 2)")
     p.add_argument("--rtol", type=float, default=1e-5,
@@ -418,10 +421,18 @@ def main(argv=None) -> int:
         print(f"demo: needs transformers and tokenizers ({e}); `pip install '.[hf]'` in the pyseqpack checkout", file=sys.stderr)
         return 2
     kinds = ("t5", "llama") if args.model == "both" else (args.model,)
-    print(f"pyseqpack demo: {', '.join(kinds)}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    results = [run_model(kind, args) for kind in kinds]
-    print("\n== summary ==")
-    for result in results:
-        _summary(result)
+    threads = torch.get_num_threads()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        print(f"pyseqpack demo: {', '.join(kinds)}; torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, device {device}"
+              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+              + f", {torch.get_num_threads()} CPU thread(s)")
+        results = [run_model(kind, args) for kind in kinds]
+        print("\n== summary ==")
+        for result in results:
+            _summary(result)
+    finally:
+        torch.set_num_threads(threads)
     return 0 if all(r["mismatches"] == 0 for r in results) else 1
