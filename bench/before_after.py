@@ -249,8 +249,9 @@ def main(argv=None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"before: {args.before} ({sha[:12]}) as {NAME}, from {Path(before.__file__).parent}")
     print(f"after:  pyseqpack from {Path(after.__file__).parent}")
-    print(f"torch {torch.__version__}, one CPU thread; cold = after a {H.CacheSweep(torch.device('cpu')).buf.numel() * 4 >> 20} "
-          f"MiB cache sweep; warm blocks {blocks}, cold rounds {cold_rounds} per side and case"
+    sweep_mib = H.CacheSweep(torch.device("cpu")).buf.numel() * 4 >> 20
+    print(f"torch {torch.__version__}, one CPU thread; cold = after a {sweep_mib} MiB cache sweep; "
+          f"warm blocks {blocks}, cold rounds {cold_rounds} per side and case"
           + (f"; load average {load[0]:.2f}" if load else ""))
     print()
     run(before, after, mode=mode, blocks=blocks, cold_rounds=cold_rounds)

@@ -141,7 +141,8 @@ def test_plot_panels_split_suites_and_series():
     titles = [p[1] for p in panels]
     assert titles == ["collation, Python list rows (1/2)", "collation, Python list rows (2/2)",
                       "collation, cold calls (caches swept before each call)",
-                      "cross-entropy, forward + backward, bf16 logits", "cross-entropy, forward + backward, fp32 logits"]
+                      "cross-entropy, forward + backward, bf16 logits",
+                      "cross-entropy, forward + backward, fp32 logits"]
     for suite, title, categories, series, kinds, baselines in panels:
         assert len(series) <= bench.MAX_SERIES
         assert "hf" not in series and "eager" not in series  # the baseline is the 1x line, not a series
