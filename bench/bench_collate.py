@@ -12,17 +12,25 @@ Groups (one pytest-benchmark group per input kind x shape, every implementation 
     - pyseqpack.pad_shift_mask, one row per backend that runs on the CPU
     - memcpy of the output bytes                                  (reference: the speed limit)
     - clone of the finished batch: one fresh tensor per output + memcpy into it, i.e. the least any collator
-      that returns new tensors does (the output allocations are a fixed ~1 us each on a CPU)
+      that returns new tensors does (each output costs an allocation too)
   The headline runs with one CPU thread (a DataLoader worker is one process per core): torch.set_num_threads(1)
   (conftest's --cpu-threads) and ``pad_shift_mask(..., num_threads=1)``. The drop-in has no thread argument;
   its automatic choice (one thread per 2^19 output elements, at most torch.get_num_threads()) is then one
   thread too.
-  That large shape writes 6 MB per batch. Whether fresh outputs that big cost page faults on every call depends
-  on the process's heap under glibc's malloc (freed big blocks may go back to the OS and be faulted in again:
-  a small fresh process cloning three 2 MB tensors in a loop faulted every time; this benchmark's process, whose
-  heap the other cases have grown, does not). MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ keep freed memory
-  for reuse, and the report records them when set. The clone row shows what any collator returning new tensors
-  pays.
+  The largest numpy shape writes 6 MB per batch. Under glibc's malloc, fresh outputs that big may cost page
+  faults on every call, depending on the process's heap (freed big blocks can go back to the OS and be faulted
+  in again); MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ keep freed memory for reuse, and the report
+  records them when set. The clone row shows what any collator returning new tensors pays.
+* ``collate[list|numpy|tensor] B=.. len=lo-hi cold``: warm and cold calls. The groups above time "warm"
+  calls: the same call back to back, as pytest-benchmark runs it, with the call's code, its inputs and the
+  allocator's blocks in the caches. In a training loop each collation follows other work (the model's step,
+  the DataLoader's reads), so it finds them evicted: a cold call. These groups time cold calls of
+  transformers' DataCollatorForSeq2Seq (their baseline), pyseqpack's drop-in and pad_shift_mask[cpu] on the
+  cases of ``helpers.COLD_CASES``: before every round, pytest-benchmark's pedantic ``setup`` (untimed) writes a
+  buffer 4x the last-level cache (``helpers.CacheSweep``), so each recorded time is that one call and nothing
+  of the eviction. (Timing the sweep with the call and subtracting the sweep's own time would leave the
+  sweep's variance in every figure.) The report puts each cold row beside its warm row and both beside
+  transformers' ("Warm and cold"). ``bench/before_after.py`` times the same cases for two builds of pyseqpack.
 * ``collate[flat <device>] B=64 len=1024-4096`` on the bench device: all tokens in one flat int64 tensor
   already on the device, plus offsets, to the padded [B, 4096] input_ids, attention_mask, labels (causal,
   pads -100), position_ids and shift_labels. Baseline: the same with torch ops (split + pad_sequence +
@@ -65,7 +73,8 @@ FLAT_SHAPES = {"full": [(64, 1024, 4096)], "quick": [(64, 1024, 4096)], "smoke":
 KINDS = ["list", "numpy", "tensor"]
 KEYS = ("input_ids", "attention_mask", "labels")
 KERNEL_NAMES = {"cuda": "psm_kernel", "triton": "_pad_shift_mask_kernel"}  # as the profiler names them
-SEED = 1234
+SEED = H.COLLATE_SEED
+COLD_IMPLS = ["hf", "pyseqpack", "psm-cpu"]  # timed cold too (test_collate_cold)
 
 
 def _pyseqpack(name):
@@ -173,6 +182,9 @@ def pytest_generate_tests(metafunc):
         cases += [("numpy", shape) for shape in NUMPY_ONLY_SHAPES[mode]]
         metafunc.parametrize("kind,collate_shape", cases,
                              ids=[f"{k}-B{b}-len{lo}-{hi}" for k, (b, lo, hi) in cases])
+    if "cold_case" in metafunc.fixturenames:
+        cases = H.COLD_CASES[mode]
+        metafunc.parametrize("cold_case", cases, ids=[f"{k}-B{b}-len{lo}-{hi}" for k, b, lo, hi in cases])
     if "flat_shape" in metafunc.fixturenames:
         shapes = FLAT_SHAPES[mode]
         metafunc.parametrize("flat_shape", shapes, ids=[f"B{b}-len{lo}-{hi}" for b, lo, hi in shapes])
@@ -187,9 +199,9 @@ def tokenizer():
 def test_collate(benchmark, bench_cfg, tokenizer, kind, collate_shape, impl):
     batch, lo, hi = collate_shape
     label, role, build = IMPLS[impl]
-    lengths = H.random_lengths(batch, lo, hi, seed=SEED + batch)
-    features = H.make_seq2seq_features(lengths, kind, seed=SEED)
-    benchmark.group = f"collate[{kind}] B={batch} len={lo}-{hi}"
+    features = H.collate_features(kind, batch, lo, hi)
+    lengths = [len(f["input_ids"]) for f in features]
+    benchmark.group = _group(kind, batch, lo, hi)
 
     threads = bench_cfg.cpu_threads
     expected = _hf(features, tokenizer, threads)()
@@ -217,6 +229,31 @@ def test_collate(benchmark, bench_cfg, tokenizer, kind, collate_shape, impl):
         if impl in ("pyseqpack", "psm-cpu"):
             info["goal"] = {"kind": "vs_reference_gbps", "label": f"numpy inputs near memcpy, B={batch}"}
     H.measure(benchmark, fn, bench_cfg, nbytes=out_bytes, info=info)
+
+
+def _group(kind, batch, lo, hi):
+    return f"collate[{kind}] B={batch} len={lo}-{hi}"
+
+
+@pytest.mark.parametrize("impl", COLD_IMPLS)
+def test_collate_cold(benchmark, bench_cfg, tokenizer, cold_case, impl):
+    """One cold call per round: the caches are swept (untimed, pedantic's setup) before each."""
+    kind, batch, lo, hi = cold_case
+    label, role, build = IMPLS[impl]
+    features = H.collate_features(kind, batch, lo, hi)
+    lengths = [len(f["input_ids"]) for f in features]
+    warm_group = _group(kind, batch, lo, hi)
+    benchmark.group = f"{warm_group} cold"
+    threads = bench_cfg.cpu_threads
+    expected = _hf(features, tokenizer, threads)()
+    fn = build(features, tokenizer, threads)
+    got = fn()
+    for k in KEYS:
+        assert torch.equal(got[k], expected[k]), f"{label}: {k!r} differs from transformers' output"
+    info = {"suite": "collate", "impl": label, "role": role, "input": kind, "batch": batch, "len_lo": lo,
+            "len_hi": hi, "max_len": max(lengths), "tokens": sum(lengths), "threads": threads,
+            "order": KINDS.index(kind), "warm_group": warm_group}
+    H.measure(benchmark, fn, bench_cfg, nbytes=H.output_bytes({k: expected[k] for k in KEYS}), info=info, cold=True)
 
 
 # ----------------------------------------------------------------------------------------------------

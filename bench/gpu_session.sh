@@ -3,21 +3,21 @@
 # nvcc, pytest, pytest-benchmark, hypothesis and transformers, no internet). From the repository root:
 #
 #   bash bench/gpu_session.sh prepare          # HERE (with internet): fetch the wheels the GPU machine lacks
-#   bash bench/gpu_session.sh tests            # THERE: build, env report, GPU test files, then the rest (<10 min)
-#   bash bench/gpu_session.sh sanitize         # THERE: build, compute-sanitizer memcheck + racecheck  (~5 min)
-#   bash bench/gpu_session.sh bench [ARGS...]  # THERE: build, `python -m pyseqpack bench ARGS`        (~8 min)
+#   bash bench/gpu_session.sh tests            # THERE: build, env report, GPU test files, then the rest
+#   bash bench/gpu_session.sh sanitize         # THERE: build, compute-sanitizer memcheck + racecheck
+#   bash bench/gpu_session.sh bench [ARGS...]  # THERE: build, `python -m pyseqpack bench ARGS`
 #
 # Every step after `prepare` builds first (sm_90 only, to save time) and writes its logs and results under
 # $OUT (default /tmp/pyseqpack-gpu); `bench` writes its report folder there too (copy it to bench/results/
 # and commit it: it records the device, versions, date and command).
 #
-# A session has 30 device minutes and a call at most 10: one call per line below, in this order of value
-# (each device `run` with carry=[".whl"], command `OUT=$OUT bash bench/gpu_session.sh ...`):
+# One call per line below, in this order of value (each device `run` with carry=[".whl"], command
+# `OUT=$OUT bash bench/gpu_session.sh ...`; --label names the GPU):
 #   tests
-#   bench --suite ce --quick --label "H100 80GB HBM3" -- -k N16384      (the issue's CE goals, V = 32000..151936)
-#   bench --suite collate --quick --label "H100 80GB HBM3"               (flat-buffer goal; CPU rows time the host)
+#   bench --suite ce --quick --label "<GPU name>" -- -k N16384      (the issue's CE goals, V = 32000..151936)
+#   bench --suite collate --quick --label "<GPU name>"               (flat-buffer goal; CPU rows time the host)
 #   sanitize
-# torch.compile compiles once per shape (tens of seconds each): the full CE grid does not fit one call.
+# torch.compile compiles once per shape, so the full CE grid is split across calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
@@ -66,8 +66,7 @@ tests)
     timeout 330 pytest -q -p no:cacheprovider -c "$REPO/pyproject.toml" --rootdir "$REPO" -m "slow or not slow" \
         --maxfail=30 --durations=15 --junitxml="$OUT/tests-gpu.xml" "${gpu_files[@]/#/$REPO/tests/}" 2>&1 \
         | tee "$OUT/tests-gpu.log" | tail -60
-    # The rest, but for the files that never touch a GPU (CI runs them): on the first GPU machine the whole rest
-    # did not finish in 200 s (it stopped in test_integrations, after the demo and example subprocesses).
+    # The rest, but for the files that never touch a GPU (CI runs them).
     cpu_only=(test_pad_shift_mask_cuda_emulated.py test_cpu_module_other_pythons.py test_bench_cli.py)
     rest=()
     for f in "$REPO"/tests/test_*.py; do

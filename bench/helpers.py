@@ -4,10 +4,12 @@ Every benchmark goes through :func:`measure`, which
 
 * runs the function once untimed (first-call costs: torch.compile, Triton JIT, allocator warm-up),
 * on CUDA, measures the peak memory of one call above what was already allocated,
-* picks a round count from the cost of one call (fixed budget per case, so a run's length is predictable),
+* picks a round count from the cost of one call and of the untimed work before it (fixed budget per case, so
+  a run's length is predictable),
 * times it with ``benchmark.pedantic``; on CUDA the timed function ends with ``torch.cuda.synchronize()``
-  so the time is the device work, not the launch; with ``--cold-l2`` every round is preceded (untimed) by a
-  write to a buffer larger than the last-level cache,
+  so the time is the device work, not the launch. ``measure(..., cold=True)`` (or ``--cold-l2`` for every
+  case) runs a :class:`CacheSweep` in pedantic's ``setup`` before every round: untimed, so each recorded time
+  is one call that finds its code, its inputs and the allocator's memory evicted from the caches,
 * stores the byte count, GB/s (``bytes / median``) and peak memory in ``benchmark.extra_info``.
 
 ``extra_info`` carries everything the report needs (suite, implementation, role, shape), so
@@ -50,18 +52,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _CacheFlusher:
-    """Evicts the caches between rounds by writing a buffer larger than them (untimed, in pedantic's setup).
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache Linux reports for cpu0 (sysfs), or 32 MiB when it cannot be read."""
+    from pathlib import Path
 
-    256 MiB covers the L2 of current GPUs (H100: 50 MiB, B200: 126 MiB) and the L3 of a CPU socket slice.
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=32 * 2**20)
+
+
+class CacheSweep:
+    """Evicts the caches by writing a buffer several times larger than them (run untimed, before a call).
+
+    On a CPU: 4x the last-level cache (at least 32 MiB), which pushes out every line of L1, L2 and the LLC
+    (the benchmark runs with one thread: one core's L1/L2 and the LLC it shares). On a GPU: 256 MiB, above
+    the L2 of current GPUs.
     """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.buf = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)
+        nbytes = 256 * 2**20 if device.type == "cuda" else max(4 * last_level_cache_bytes(), 32 * 2**20)
+        self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device)
+        self.value = 0
 
     def __call__(self):
-        self.buf.fill_(1)
+        self.value ^= 1  # a new value each time: every line is written, never skipped as unchanged
+        self.buf.fill_(self.value)
         synchronize(self.device)
 
 
@@ -99,12 +121,14 @@ def kernel_device_us(fn, kernel: str, reps: int = 50) -> float:
     return total / reps
 
 
-def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict, reset=None):
+def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict, reset=None, cold=False):
     """Time ``fn()`` with pytest-benchmark and record bytes, GB/s and peak memory in extra_info.
 
     nbytes: the bytes one call must move at minimum (the report's GB/s is ``nbytes / median``).
     info:   suite, impl, role and shape fields, copied into ``benchmark.extra_info``.
     reset:  optional, frees what a call leaves alive (untimed, before the peak-memory call).
+    cold:   sweep the caches (untimed) before every round, also without --cold-l2; extra_info["cache"] says
+            "cold" or "warm" (calls back to back, as pytest-benchmark times them).
     Returns what the last call of ``fn`` returned.
     """
     device = cfg.device
@@ -116,17 +140,18 @@ def measure(benchmark, fn, cfg: BenchConfig, *, nbytes: int, info: dict, reset=N
 
     timed()  # first call: compilation, JIT, allocator warm-up
     peak = _peak_memory_bytes(fn, device, reset)
+    sweep = CacheSweep(device) if cold or cfg.cold_l2 else None
     t0 = time.perf_counter()
+    if sweep is not None:
+        sweep()
     timed()
-    one = max(time.perf_counter() - t0, 1e-7)
+    one = max(time.perf_counter() - t0, 1e-7)  # a round's cost, its untimed sweep included
     rounds = int(min(max(cfg.time_budget_s / one, cfg.min_rounds), 2000))
-    flusher = _CacheFlusher(device) if cfg.cold_l2 else None
 
     benchmark.extra_info.update(info)
-    benchmark.extra_info.update(
-        {"bytes": int(nbytes), "peak_mem_bytes": peak, "cold_l2": cfg.cold_l2, "device": str(device)}
-    )
-    result = benchmark.pedantic(timed, setup=flusher, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update({"bytes": int(nbytes), "peak_mem_bytes": peak, "cold_l2": cfg.cold_l2,
+                                 "cache": "cold" if sweep is not None else "warm", "device": str(device)})
+    result = benchmark.pedantic(timed, setup=sweep, rounds=rounds, warmup_rounds=1, iterations=1)
     median = benchmark.stats.stats.median
     benchmark.extra_info["gbps"] = nbytes / median / 1e9 if median > 0 else None
     return result
@@ -189,6 +214,22 @@ def make_seq2seq_features(lengths, kind: str, seed: int) -> list:
         else:
             raise ValueError(f"kind must be 'list', 'numpy' or 'tensor', got {kind!r}")
     return feats
+
+
+COLLATE_SEED = 1234
+
+# Collation cases timed warm and cold (bench_collate.test_collate_cold, before_after.py): (input kind, batch,
+# shortest row, longest row).
+COLD_CASES = {
+    "full": [("list", 32, 64, 512), ("numpy", 32, 64, 512), ("numpy", 8, 2048, 4096), ("tensor", 32, 64, 512)],
+    "smoke": [("list", 4, 8, 32)],
+}
+COLD_CASES["quick"] = COLD_CASES["full"]
+
+
+def collate_features(kind: str, batch: int, lo: int, hi: int) -> list:
+    """The seq2seq features of one collation case (fixed seeds: the same rows in every benchmark)."""
+    return make_seq2seq_features(random_lengths(batch, lo, hi, seed=COLLATE_SEED + batch), kind, seed=COLLATE_SEED)
 
 
 def output_bytes(batch: dict) -> int:

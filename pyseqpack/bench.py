@@ -3,10 +3,12 @@
 Runs the benchmark files of the ``bench/`` folder of a pyseqpack checkout through pytest-benchmark (all
 implementations of a comparison in one run), then turns pytest-benchmark's JSON into
 
-* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals, and
-                     the bandwidth fits (time against bytes over the sizes of a series, e.g. numpy collation),
+* ``summary.json``   every measurement with its speedup over the group's baseline and GB/s, the goals, the
+                     bandwidth fits (time against bytes over the sizes of a series, e.g. numpy collation), and
+                     each cold collation row beside its warm row,
 * ``results.md``     the same as markdown tables,
-* ``speedup.png``    speedup against sequence length (collation) and vocabulary size (cross-entropy),
+* ``speedup.png``    speedup over the baseline per group shape: one panel per suite and input kind (collation)
+                     or dtype (cross-entropy), at most MAX_SERIES series in each,
 
 next to the raw ``benchmark.json``, in ``--out`` (default ``bench/results/<device>-<date>/``). All of them
 carry the device, library versions, date and the exact command.
@@ -147,7 +149,32 @@ def summarize(raw: dict) -> dict:
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
     goals = [_goal(r, g, references.get(r["group"]), by_group[r["group"]]) for r in rows for g in _declared(r)]
-    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals, "fits": bandwidth_fits(rows)}
+    return {"meta": raw.get("pyseqpack", {}), "rows": rows, "goals": goals, "fits": bandwidth_fits(rows),
+            "warm_cold": warm_cold(rows)}
+
+
+def warm_cold(rows: list) -> list:
+    """Each cold row beside the same implementation's warm row.
+
+    A cold row (extra_info["cache"] == "cold") names its warm group in extra_info["warm_group"]: the same
+    inputs timed back to back. Each entry has both medians and IQRs, cold / warm, and the speedup over each
+    group's own baseline (transformers' collator timed warm, and cold).
+    """
+    by_key = {(r["group"], r["impl"]): r for r in rows}
+    out = []
+    for r in rows:
+        group = r["info"].get("warm_group")
+        if r["info"].get("cache") != "cold" or not group:
+            continue
+        warm = by_key.get((group, r["impl"]))
+        out.append({
+            "case": group, "impl": r["impl"], "role": r["role"], "baseline": r["baseline"],
+            "warm_s": warm["median_s"] if warm else None, "warm_iqr_s": warm["iqr_s"] if warm else None,
+            "cold_s": r["median_s"], "cold_iqr_s": r["iqr_s"],
+            "cold_over_warm": r["median_s"] / warm["median_s"] if warm and warm["median_s"] > 0 else None,
+            "speedup_warm": warm["speedup"] if warm else None, "speedup_cold": r["speedup"],
+        })
+    return out
 
 
 def bandwidth_fits(rows: list) -> list:
@@ -307,6 +334,20 @@ def render_markdown(summary: dict, plot_name=None) -> str:
             lines.append(f"| {f['series']} | {f['impl']} | {f['sizes']} | {_fmt(f['gbps'], '.1f')} "
                          f"| {_fmt(None if vs is None else 100 * vs, '.0f')}{'%' if vs is not None else ''} "
                          f"| {f['fixed_s'] * 1e6:.1f} us | {100 * f['max_deviation']:.0f}% |")
+    if summary.get("warm_cold"):
+        lines += ["", "## Warm and cold", "",
+                  "Warm: the same call back to back (the collation groups above). Cold: one call per round after "
+                  "an untimed sweep of the caches (the \"cold\" groups), as a call in a training loop finds "
+                  "them after the step's other work. Speedups are over transformers' collator timed the same "
+                  "way on the same inputs.", "",
+                  "| case | implementation | warm median | cold median | cold / warm | speedup warm | speedup cold |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for w in sorted(summary["warm_cold"], key=lambda w: (w["case"], _ROLE_ORDER.get(w["role"], 9), w["impl"])):
+            warm = "-" if w["warm_s"] is None else _fmt_time(w["warm_s"])
+            lines.append(f"| {w['case']} | {w['impl']}{' (baseline)' if w['role'] == 'baseline' else ''} "
+                         f"| {warm} | {_fmt_time(w['cold_s'])} | {_fmt(w['cold_over_warm'], '.2f')} "
+                         f"| {_fmt(w['speedup_warm'], '.1f')}{'x' if w['speedup_warm'] is not None else ''} "
+                         f"| {_fmt(w['speedup_cold'], '.1f')}{'x' if w['speedup_cold'] is not None else ''} |")
     notes = {
         "collate": "bytes = output bytes (every tensor of the batch); the list/numpy groups run on the CPU.",
         "ce": "bytes = one read of the logits + one write of their gradient (2 x N x V x element size); "
@@ -343,11 +384,114 @@ def _row_order(r):
             _ROLE_ORDER.get(r["role"], 9), r["impl"])
 
 
-def plot(summary: dict, path) -> bool:
-    """Speedup over the baseline against sequence length (collate) and vocab size (ce). False if no data.
+# Plot: one figure, panels of at most MAX_SERIES series each (a suite's rows are split by input kind, dtype, ...).
+MAX_SERIES = 8
 
-    One line per implementation and variant (input kind; tokens and dtype): the colour is the implementation,
-    the line style and marker the variant.
+_INPUT_TITLES = {
+    "list": "Python list rows", "numpy": "numpy rows", "tensor": "CPU tensor rows",
+    "flat-cpu": "flat int64 buffer + offsets, CPU", "flat-cuda": "flat int64 buffer + offsets, GPU",
+}
+
+
+def _panel_of(row: dict):
+    """(suite, panel title) of a row: collation split by input kind (cold calls and the drop-ins apart),
+    cross-entropy by dtype."""
+    info, suite = row["info"], row["suite"]
+    if suite == "collate":
+        if info.get("cache") == "cold":
+            return suite, "collation, cold calls (caches swept before each call)"
+        if row["group"].startswith("collators"):
+            return suite, "each drop-in collator vs the class it replaces, Python lists"
+        kind = info.get("input")
+        return suite, f"collation, {_INPUT_TITLES.get(kind, kind)}"
+    if suite == "ce":
+        return suite, f"cross-entropy, forward + backward, {info.get('dtype', '?')} logits"
+    return suite, suite
+
+
+def _category(row: dict) -> str:
+    """The x tick of a row: its group's shape, short."""
+    info = row["info"]
+    if row["suite"] == "collate":
+        if row["group"].startswith("collators"):
+            return _wrap(row["group"].split()[1].replace("_", " ").replace("+", " + "), 10)
+        shape = f"B={info.get('batch', '?')}\n{info.get('len_lo', '?')}-{info.get('len_hi', '?')}"
+        return f"{info.get('input')} {shape}" if info.get("cache") == "cold" else shape
+    if row["suite"] == "ce":
+        return f"N={info.get('tokens', '?')}\nV={info.get('vocab', '?')}"
+    return row["group"]
+
+
+_XLABELS = {("collate", False): "batch size B, row lengths (tokens, uniform)",
+            ("collate", True): "B=32 rows of 64-512 tokens; collator", ("ce", False): "tokens N, vocabulary size V"}
+
+
+def _series_of(row: dict) -> str:
+    if row["group"].startswith("collators") and row["role"] == "ours":
+        return "pyseqpack's drop-in of that class"
+    return row["impl"]
+
+
+def _is_reference(row: dict) -> bool:
+    """Rows that bound what an implementation can do rather than compete: memcpy (role "reference") and the
+    clone of the finished batch (the least a collator returning fresh tensors does)."""
+    return row["role"] == "reference" or row["impl"].startswith("clone of")
+
+
+def _plot_panels(summary: dict) -> list:
+    """[(suite, title, categories, {series: [(category, speedup)]}, {series: kind}, baselines)], every panel at
+    most MAX_SERIES series; kind is "ours", "other" or "reference"."""
+    grouped = {}
+    suites = {"collate": 0, "ce": 1}
+    for r in sorted(summary["rows"], key=lambda r: (suites.get(r["suite"], 2), r["suite"], _row_order(r))):
+        if r["speedup"] is None:
+            continue
+        grouped.setdefault(_panel_of(r), []).append(r)
+    panels = []
+    for (suite, title), rows in grouped.items():
+        categories = list(dict.fromkeys(_category(r) for r in rows))
+        baselines = sorted({r["impl"] for r in rows if r["role"] == "baseline"})
+        series, kinds = {}, {}
+        for r in rows:
+            if r["role"] == "baseline":
+                continue
+            name = _series_of(r)
+            series.setdefault(name, []).append((_category(r), r["speedup"]))
+            kinds[name] = "reference" if _is_reference(r) else "ours" if r["role"] == "ours" else "other"
+        if not series:
+            continue
+        refs = [n for n in series if kinds[n] == "reference"]
+        rest = sorted((n for n in series if kinds[n] != "reference"), key=lambda n: (kinds[n] != "ours", n))
+        parts = [("", rest)]
+        if suite == "ce" and len(series) > MAX_SERIES:
+            # every implementation with token accuracy in one panel, loss-only rows in the other
+            parts = [(": with token accuracy", [n for n in rest if "loss only" not in n]),
+                     (": loss only", [n for n in rest if "loss only" in n])]
+        room = max(MAX_SERIES - len(refs), 1)
+        for what, names in parts:
+            chunks = [names[i:i + room] for i in range(0, len(names), room)] or [[]]
+            for i, chunk in enumerate(chunks):
+                part = f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""
+                chosen = chunk + refs
+                panels.append((suite, title + what + part, categories, {n: series[n] for n in chosen},
+                               {n: kinds[n] for n in chosen}, baselines))
+    return panels
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False)) or text
+
+
+def plot(summary: dict, path) -> bool:
+    """Speedup over each group's baseline, one panel per suite and input kind / dtype (split so that no panel
+    holds more than MAX_SERIES series); x = the groups' shapes. False if there is nothing to plot.
+
+    pyseqpack's rows: coloured solid lines, filled markers. Other implementations: coloured dashed lines, hollow
+    markers. References (memcpy, the clone row): grey dotted lines, hollow markers. The baseline: the grey
+    dashed line at 1x. Within a suite an implementation keeps its colour in every panel (when the suite has 10
+    or fewer), and within a panel no two share one.
     """
     import matplotlib
 
@@ -355,53 +499,84 @@ def plot(summary: dict, path) -> bool:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    panels = []
-    for suite, xkey, xlabel, variant_keys in (
-        ("collate", "len_hi", "sequence length: rows drawn uniformly up to this many tokens", ("input",)),
-        ("ce", "vocab", "vocabulary size V", ("tokens", "dtype")),
-    ):
-        lines = {}
-        for r in summary["rows"]:
-            x = r["info"].get(xkey)
-            if r["suite"] != suite or r["role"] in ("baseline", "reference") or r["speedup"] is None or x is None:
-                continue
-            variant = ", ".join(f"{k}={r['info'][k]}" for k in variant_keys if r["info"].get(k) is not None)
-            lines.setdefault((r["impl"], variant), []).append((x, r["speedup"]))
-        if lines:
-            panels.append((suite, xlabel, lines))
+    panels = _plot_panels(summary)
     if not panels:
         return False
-    meta = summary["meta"]
     colors = plt.get_cmap("tab10").colors
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1)), "v"), ((0, (1, 3)), "P")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 7), squeeze=False)
-    for ax, (suite, xlabel, lines) in zip(axes[0], panels):
-        impls = sorted({impl for impl, _ in lines})
-        variants = sorted({variant for _, variant in lines})
-        for (impl, variant), pts in sorted(lines.items()):
-            pts.sort()
-            ls, marker = styles[variants.index(variant) % len(styles)]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ls=ls, marker=marker,
-                    color=colors[impls.index(impl) % len(colors)], label=f"{impl} ({variant})" if variant else impl)
-        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log")
+    greys = [("0.45", "s", ":"), ("0.2", "D", "-."), ("0.6", "^", (0, (1, 1)))]
+    suite_colors = {}
+    for suite in dict.fromkeys(p[0] for p in panels):
+        names = list(dict.fromkeys(n for p in panels if p[0] == suite for n, k in p[4].items() if k != "reference"))
+        names.sort(key=lambda n: next(p[4][n] != "ours" for p in panels if p[0] == suite and n in p[4]))
+        suite_colors[suite] = {n: colors[i] for i, n in enumerate(names)} if len(names) <= len(colors) else None
+
+    # Each suite starts a new row of two panels.
+    ncols, cells, row_of = min(2, len(panels)), [], 0
+    for suite in dict.fromkeys(p[0] for p in panels):
+        mine = [p for p in panels if p[0] == suite]
+        for i, p in enumerate(mine):
+            cells.append((row_of + i // ncols, i % ncols, p))
+        row_of += (len(mine) + ncols - 1) // ncols
+    nrows = row_of
+    # Under each row of plots, a row of legends as tall as its longest legend (in text lines).
+    line_in = 0.25
+    legend_lines = [1] * nrows
+    for r, c, p in cells:
+        lines = sum(_wrap(n, 46).count("\n") + 1 for n in p[3]) + 2
+        legend_lines[r] = max(legend_lines[r], lines)
+    plot_in = 4.6
+    heights = [h for r in range(nrows) for h in (plot_in, line_in * legend_lines[r] + 0.3)]
+    fig, grid = plt.subplots(2 * nrows, ncols, figsize=(6.8 * ncols, sum(heights) + 0.8), squeeze=False,
+                             layout="constrained", gridspec_kw={"height_ratios": heights})
+    for row in grid:
+        for a in row:
+            a.axis("off")
+    for r, c, (suite, title, categories, series, kinds, baselines) in cells:
+        ax = grid[2 * r][c]
+        ax.axis("on")
+        palette = suite_colors[suite] or {}
+        spare = iter(col for col in colors if col not in {palette.get(n) for n in series})
+        n = len(series)
+        step = min(0.09, 0.5 / max(n, 1))
+        grey = iter(greys)
+        for i, (name, pts) in enumerate(series.items()):
+            pos = {cat: j for j, cat in enumerate(categories)}
+            pts = sorted(pts, key=lambda p: pos[p[0]])
+            xs = [pos[p[0]] + (i - (n - 1) / 2) * step for p in pts]
+            ys = [p[1] for p in pts]
+            kind = kinds[name]
+            if kind == "reference":
+                color, marker, ls = next(grey, greys[-1])
+                style = dict(color=color, marker=marker, ls=ls, lw=1.6, mfc="white", mew=1.6, ms=8)
+            else:
+                color = palette.get(name) or next(spare, "black")
+                style = dict(color=color, marker="o" if kind == "ours" else "s", ls="-" if kind == "ours" else "--",
+                             lw=2.2 if kind == "ours" else 1.6, ms=8,
+                             mfc=color if kind == "ours" else "white", mew=1.6)
+            label = f"{name} (reference)" if kind == "reference" else name
+            ax.plot(xs, ys, label=_wrap(label, 46), **style)
+        base = "; ".join(baselines)
+        if suite == "collate" and title.startswith("each drop-in"):
+            base = "the transformers / TRL class each replaces"
+        ax.axhline(1.0, color="0.35", lw=1.4, ls="--", label=_wrap(f"baseline = 1x: {base}", 46))
         ax.set_yscale("log")
-        xs = sorted({p[0] for pts in lines.values() for p in pts})
-        ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels(categories, fontsize=12)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+        ax.set_xlabel(_XLABELS.get((suite, title.startswith("each drop-in")), ""), fontsize=12)
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("speedup over the baseline (median time ratio)")
-        base = sorted({r["baseline"] for r in summary["rows"] if r["suite"] == suite and r["baseline"]})
-        ax.set_title(f"{suite}: baseline = {'; '.join(base)}", fontsize=8)
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-        ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle(f"pyseqpack, {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')}\n"
-                 f"{meta.get('command', '')}", fontsize=8)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+        ax.tick_params(axis="y", labelsize=12)
+        ax.set_ylabel("speedup over the baseline (median time)", fontsize=12)
+        ax.set_title(_wrap(title, 52), fontsize=14, fontweight="bold")
+        ax.grid(True, which="major", alpha=0.35)
+        handles, labels = ax.get_legend_handles_labels()
+        grid[2 * r + 1][c].legend(handles, labels, fontsize=12, loc="upper center", ncol=1, frameon=False)
+    meta = summary["meta"]
+    fig.suptitle(f"pyseqpack: {meta.get('label') or meta.get('device', '?')}, {meta.get('date', '?')[:10]}\n"
+                 f"{_wrap(meta.get('command', ''), 62 * ncols)}", fontsize=12)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
@@ -455,7 +630,7 @@ def _parser():
     p.add_argument("--cold-l2", action="store_true", help="flush the caches before every timed round")
     p.add_argument("--cpu-threads", type=int, default=1,
                    help="torch / native threads of the CPU benchmarks (default 1: one DataLoader worker's share)")
-    p.add_argument("--label", help='machine description for the reports, e.g. "CPU-only dev box, 2 cores"')
+    p.add_argument("--label", help="what the machine is, in words, printed in every report")
     p.add_argument("--from-json", type=Path, help="only re-render reports from an existing benchmark.json")
     return p
 

@@ -19,9 +19,11 @@ same batch and (2) on side (b)'s logits, the fused loss and its counts equal the
 computed on those same logits (loss within ``--rtol``, counts exactly); any failure is flagged on the step's line
 and makes the exit status 1. The two runs train independently, so their columns agree to rounding in the first
 steps and then drift apart slowly (AdamW amplifies the ~1e-7 rounding differences step after step): the drift is
-reported, not judged. At the end: collate time and loss time (forward + backward of the loss alone, on the
-logits) per step for each side, and the speedups. Timings skip the first ``--warmup`` steps (one-time costs:
-loading native code, compiling kernels).
+reported, not judged. At the end: the median collate time and loss time (forward + backward of the loss alone,
+on the logits) per step for each side, and their ratio. The first ``--warmup`` steps are warm-up (one-time costs:
+loading native code, compiling kernels, the allocator's first blocks) and are not timed. A ratio is printed only
+when the timings can carry it (see ``judge``); on a machine busy with other work the summary says that it is too
+noisy to judge, and why, instead.
 
 The helpers ``load_pairs``, ``build_tokenizer``, ``tiny_llama`` and ``tiny_t5`` are reused by the examples.
 """
@@ -303,21 +305,54 @@ def _progress(total, desc, enabled):
     return _Plain()
 
 
-def _summary(result, out=print):
-    def ms(xs):
-        return 1e3 * statistics.fmean(xs) if xs else float("nan")
+MIN_TIMED_STEPS = 6  # fewer timed steps than this: no ratio is judged
+HALVES_DISAGREE = 1.5  # the two halves' ratios differing by more than this factor: the timings disagree
 
+
+def _quartiles(xs):
+    """(first quartile, median, third quartile) of two or more values."""
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def judge(a: list, b: list):
+    """Whether per-step times ``a`` (baseline) and ``b`` (pyseqpack) carry a ratio of medians.
+
+    Returns (ratio, None) or (None, reason). The ratio median(a) / median(b) is withheld when
+      * fewer than MIN_TIMED_STEPS steps were timed;
+      * the spread between the quartiles of either side is as large as the difference of the two medians
+        (the sides' typical steps overlap: the machine's other work decides which is faster);
+      * the first and second half of the timed steps, judged apart, disagree: their ratios lie on different
+        sides of 1, or differ by more than a factor HALVES_DISAGREE (the load changed during the run).
+    """
+    n = min(len(a), len(b))
+    if n < MIN_TIMED_STEPS:
+        return None, f"too few timed steps to judge ({n}; at least {MIN_TIMED_STEPS}: raise --steps)"
+    (a1, ma, a3), (b1, mb, b3) = _quartiles(a), _quartiles(b)
+    spread = max(a3 - a1, b3 - b1)
+    if spread >= abs(ma - mb):
+        return None, (f"too noisy to judge: a quartile spread of {1e3 * spread:.3f} ms against a difference of "
+                      f"the medians of {1e3 * abs(ma - mb):.3f} ms")
+    half = n // 2
+    r1 = statistics.median(a[:half]) / statistics.median(b[:half])
+    r2 = statistics.median(a[half:n]) / statistics.median(b[half:n])
+    if (r1 - 1) * (r2 - 1) <= 0 or max(r1, r2) / min(r1, r2) > HALVES_DISAGREE:
+        return None, f"too noisy to judge: the first and second half of the steps give {r1:.2f}x and {r2:.2f}x"
+    return ma / mb, None
+
+
+def _summary(result, out=print):
     timed = len(result["a_collate"])
-    out(f"-- {result['kind']}: mean per step over {timed} timed steps "
-        f"(first {result['steps'] - timed} skipped as warm-up) --")
-    out(f"   {'':<8} {'transformers+torch':>19} {'pyseqpack':>11} {'speedup':>8}")
-    for what, label in (("collate", "collate"), ("loss", "loss")):
-        a, b = ms(result[f"a_{what}"]), ms(result[f"b_{what}"])
-        speed = a / b if b > 0 else float("nan")
-        out(f"   {label:<8} {a:>16.3f} ms {b:>8.3f} ms {speed:>7.2f}x")
-    a = ms(result["a_collate"]) + ms(result["a_loss"])
-    b = ms(result["b_collate"]) + ms(result["b_loss"])
-    out(f"   {'both':<8} {a:>16.3f} ms {b:>8.3f} ms {a / b if b > 0 else float('nan'):>7.2f}x")
+    first = result["steps"] - timed
+    warm = "no warm-up" if first == 0 else "step 0: warm-up" if first == 1 else f"steps 0-{first - 1}: warm-up"
+    out(f"-- {result['kind']}: median per step over steps {first}-{result['steps'] - 1} ({warm}, not timed) --")
+    out(f"   {'':<8} {'transformers+torch':>19} {'pyseqpack':>11}   ratio (median over median)")
+    both = {side: [c + l for c, l in zip(result[f"{side}_collate"], result[f"{side}_loss"])] for side in "ab"}
+    for label, a, b in (("collate", result["a_collate"], result["b_collate"]),
+                        ("loss", result["a_loss"], result["b_loss"]), ("both", both["a"], both["b"])):
+        ratio, why = judge(a, b)
+        verdict = f"{ratio:.2f}x" if ratio is not None else why
+        out(f"   {label:<8} {1e3 * statistics.median(a):>16.3f} ms {1e3 * statistics.median(b):>8.3f} ms   {verdict}")
     status = "all steps agree" if result["mismatches"] == 0 else f"{result['mismatches']} step(s) MISMATCHED"
     out(f"   agreement: {status} (same batches; fused loss and counts = torch's on the same logits)")
     out(f"   the two runs' losses differ by at most {result['drift']:.1e} (relative) over {result['steps']} steps")
@@ -337,7 +372,11 @@ def _parser():
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch order (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
-    p.add_argument("--warmup", type=_non_negative, default=1, help="first steps left out of the timings (default 1)")
+    p.add_argument("--cpu-threads", type=_non_negative, default=1,
+                   help="torch's CPU threads during the run (default 1, a DataLoader worker's share; one thread "
+                        "also waits least on other work of the machine; 0: torch's own default)")
+    p.add_argument("--warmup", type=_non_negative, default=2,
+                   help="first steps left out of the timings as warm-up (default 2)")
     p.add_argument("--rtol", type=float, default=1e-5,
                    help="relative difference between the fused and torch's loss on the same logits flagged as a "
                         "mismatch (default 1e-5)")
@@ -382,10 +421,18 @@ def main(argv=None) -> int:
         print(f"demo: needs transformers and tokenizers ({e}); `pip install '.[hf]'` in the pyseqpack checkout", file=sys.stderr)
         return 2
     kinds = ("t5", "llama") if args.model == "both" else (args.model,)
-    print(f"pyseqpack demo: {', '.join(kinds)}; torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    results = [run_model(kind, args) for kind in kinds]
-    print("\n== summary ==")
-    for result in results:
-        _summary(result)
+    threads = torch.get_num_threads()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    try:
+        print(f"pyseqpack demo: {', '.join(kinds)}; torch {torch.__version__}, transformers "
+              f"{transformers.__version__}, device {device}"
+              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+              + f", {torch.get_num_threads()} CPU thread(s)")
+        results = [run_model(kind, args) for kind in kinds]
+        print("\n== summary ==")
+        for result in results:
+            _summary(result)
+    finally:
+        torch.set_num_threads(threads)
     return 0 if all(r["mismatches"] == 0 for r in results) else 1

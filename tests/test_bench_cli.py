@@ -97,6 +97,77 @@ def test_bandwidth_fit_splits_fixed_and_per_byte_costs():
     assert "| numpy | ours | 3 | 40.0 | 80% | 8.0 us | 0% |" in md
 
 
+def test_warm_and_cold_side_by_side():
+    # warm group g: transformers 5 ms, ours 50 us; cold group: transformers 6 ms, ours 100 us
+    raw = {"pyseqpack": {}, "benchmarks": [
+        _bench("g", "hf", "baseline", 5e-3, input="list"),
+        _bench("g", "ours", "ours", 5e-5, input="list"),
+        _bench("g cold", "hf", "baseline", 6e-3, input="list", cache="cold", warm_group="g"),
+        _bench("g cold", "ours", "ours", 1e-4, input="list", cache="cold", warm_group="g"),
+        _bench("g cold", "new", "ours", 2e-4, input="list", cache="cold", warm_group="g"),  # no warm row
+    ]}
+    s = bench.summarize(raw)
+    wc = {w["impl"]: w for w in s["warm_cold"]}
+    assert set(wc) == {"hf", "ours", "new"}
+    ours = wc["ours"]
+    assert (ours["case"], ours["warm_s"], ours["cold_s"]) == ("g", 5e-5, 1e-4)
+    assert ours["cold_over_warm"] == pytest.approx(2.0)
+    assert ours["speedup_warm"] == pytest.approx(100.0) and ours["speedup_cold"] == pytest.approx(60.0)
+    assert wc["new"]["warm_s"] is None and wc["new"]["speedup_cold"] == pytest.approx(30.0)
+    md = bench.render_markdown(s)
+    assert "## Warm and cold" in md
+    assert "| g | ours | 50.0 us | 100.0 us | 2.00 | 100.0x | 60.0x |" in md
+    assert "| g | hf (baseline) | 5.00 ms | 6.00 ms | 1.20 | 1.0x | 1.0x |" in md
+    assert "| g | new | - | 200.0 us | - | - | 30.0x |" in md
+
+
+def test_plot_panels_split_suites_and_series():
+    # one collation group with 11 implementations besides its baseline, memcpy and the clone row; cross-entropy
+    # rows of two dtypes; cold rows
+    rows = [_bench("collate[list] B=32 len=64-512", "hf", "baseline", 1e-2, input="list", batch=32, len_lo=64,
+                   len_hi=512),
+            _bench("collate[list] B=32 len=64-512", "memcpy", "reference", 1e-5, input="list", batch=32),
+            _bench("collate[list] B=32 len=64-512", "clone of the finished batch", "other", 2e-5, input="list",
+                   batch=32)]
+    rows += [_bench("collate[list] B=32 len=64-512", f"impl{i:02d}", "ours" if i % 2 else "other", 1e-3 / (i + 1),
+                    input="list", batch=32) for i in range(11)]
+    rows += [_bench(f"ce N=512 V=32000 {d}", "eager", "baseline", 1.0, suite="ce", dtype=d, tokens=512, vocab=32000)
+             for d in ("fp32", "bf16")]
+    rows += [_bench(f"ce N=512 V=32000 {d}", "fused", "ours", 0.5, suite="ce", dtype=d, tokens=512, vocab=32000)
+             for d in ("fp32", "bf16")]
+    rows += [_bench("collate[list] B=32 len=64-512 cold", "hf", "baseline", 2e-2, input="list", cache="cold"),
+             _bench("collate[list] B=32 len=64-512 cold", "ours", "ours", 1e-4, input="list", cache="cold")]
+    panels = bench._plot_panels(bench.summarize({"pyseqpack": {}, "benchmarks": rows}))
+    titles = [p[1] for p in panels]
+    assert titles == ["collation, Python list rows (1/2)", "collation, Python list rows (2/2)",
+                      "collation, cold calls (caches swept before each call)",
+                      "cross-entropy, forward + backward, bf16 logits",
+                      "cross-entropy, forward + backward, fp32 logits"]
+    for suite, title, categories, series, kinds, baselines in panels:
+        assert len(series) <= bench.MAX_SERIES
+        assert "hf" not in series and "eager" not in series  # the baseline is the 1x line, not a series
+    first, second = panels[0], panels[1]
+    # memcpy and the clone row are drawn as references in both halves; the 11 others are split between them
+    for p in (first, second):
+        assert p[4]["memcpy"] == p[4]["clone of the finished batch"] == "reference"
+        assert p[5] == ["hf"]
+    split = [n for p in (first, second) for n in p[3] if p[4][n] != "reference"]
+    assert sorted(split) == [f"impl{i:02d}" for i in range(11)]
+    assert first[4]["impl01"] == "ours" and second[4]["impl10"] == "other"
+    assert panels[3][3] == {"fused": [("N=512\nV=32000", 2.0)]}
+
+    # a dtype with more than MAX_SERIES cross-entropy rows: the rows with accuracy apart from the loss-only ones
+    g = "ce N=512 V=32000 bf16"
+    ce = [_bench(g, "eager", "baseline", 1.0, suite="ce", dtype="bf16", tokens=512, vocab=32000)]
+    ce += [_bench(g, f"fused[{b}]", "ours", 0.2, suite="ce", dtype="bf16", tokens=512, vocab=32000) for b in "abcde"]
+    ce += [_bench(g, f"drop-in, loss only[{b}]", "ours", 0.2, suite="ce", dtype="bf16", tokens=512, vocab=32000)
+           for b in "abcde"]
+    panels = bench._plot_panels(bench.summarize({"pyseqpack": {}, "benchmarks": ce}))
+    assert [(p[1], sorted(p[3])) for p in panels] == [
+        ("cross-entropy, forward + backward, bf16 logits: with token accuracy", [f"fused[{b}]" for b in "abcde"]),
+        ("cross-entropy, forward + backward, bf16 logits: loss only", [f"drop-in, loss only[{b}]" for b in "abcde"])]
+
+
 def test_summary_rejects_two_baselines():
     raw = _raw()
     raw["benchmarks"].append(_bench("g1", "torch", "baseline", 1e-3))
@@ -144,12 +215,40 @@ def test_smoke_run_end_to_end(tmp_path):
         assert expected in impls, f"{expected!r} did not run (skipped?); ran: {sorted(impls)}"
     md = (out / "results.md").read_text()
     assert meta["command"] in md and "test box" in md
+    # the cold cases ran, each beside its warm row
+    cold = {w["impl"]: w for w in summary["warm_cold"]}
+    assert set(cold) == {"transformers DataCollatorForSeq2Seq", "pyseqpack DataCollatorForSeq2Seq",
+                         "pyseqpack pad_shift_mask[cpu]"}
+    assert all(w["warm_s"] and w["cold_s"] and w["speedup_cold"] for w in cold.values())
+    assert "## Warm and cold" in md
     assert (out / "speedup.png").read_bytes()[:8] == PNG_MAGIC
 
     # --from-json re-renders the same summary without running anything.
     again = tmp_path / "again"
     assert bench.main(["--from-json", str(out / "benchmark.json"), "--out", str(again)]) == 0
     assert json.loads((again / "summary.json").read_text())["rows"] == summary["rows"]
+
+
+def test_before_after_table_on_tiny_cases():
+    # bench/before_after.py's timing and table, with the installed pyseqpack on both sides (building an older
+    # commit needs the repository's history and a compiler: the script's own run covers that)
+    import importlib.util
+
+    import pyseqpack
+
+    spec = importlib.util.spec_from_file_location("before_after", REPO / "bench" / "before_after.py")
+    ba = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ba)
+    printed = []
+    lines = ba.run(pyseqpack, pyseqpack, mode="smoke", blocks=3, cold_rounds=3, out=printed.append)
+    assert lines[0].startswith("| case | call | warm before | warm after | cold before | cold after |")
+    rows = [line.split(" | ") for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("| list B=4 len=8-32", "pad_shift_mask[cpu]"),
+                                            ("| list B=4 len=8-32", "DataCollatorForSeq2Seq")]
+    for r in rows:
+        assert all(cell.endswith((" us", " ms")) for cell in r[2:8]), r
+        assert "x -> " in r[8] and "x -> " in r[9], r
+    assert printed[:len(lines)] == lines
 
 
 def test_bench_dir_is_found_from_the_checkout(monkeypatch):

@@ -3,6 +3,7 @@ refused; and the shipped dataset and the offline tokenizer behave as documented.
 from __future__ import annotations
 
 import re
+import statistics
 import subprocess
 import sys
 
@@ -35,9 +36,11 @@ def test_python_m_pyseqpack_demo_runs_and_both_sides_agree():
         assert float(acc_b) == pytest.approx(float(acc_a), abs=1e-3)
         assert flag == "ok"
     assert out.count("agreement: all steps agree") == 2
-    timings = re.findall(r"^\s+(collate|loss|both)\s+([\d.]+) ms\s+([\d.]+) ms\s+([\d.]+)x$", out, re.M)
+    timings = re.findall(r"^\s+(collate|loss|both)\s+([\d.]+) ms\s+([\d.]+) ms\s+(.+)$", out, re.M)
     assert [t[0] for t in timings] == ["collate", "loss", "both"] * 2, out
-    assert "first 1 skipped as warm-up" in out
+    # 3 steps, 2 of them warm-up: one timed step is too few for a verdict, and the demo says so
+    assert out.count("median per step over steps 2-2 (steps 0-1: warm-up, not timed)") == 2, out
+    assert all(t[3].startswith("too few timed steps to judge (1;") for t in timings), out
     assert out.count("the two runs' losses differ by at most") == 2
 
 
@@ -55,11 +58,36 @@ def test_demo_flags_a_disagreement(monkeypatch, capsys):
         return loss_fn
 
     monkeypatch.setattr(demo, "_fused_loss", off_by_one_percent)
-    rc = demo.main(["--model", "llama", "--steps", "2", "--batch-size", "2", "--no-progress", "--device", "cpu"])
+    rc = demo.main(["--model", "llama", "--steps", "2", "--warmup", "1", "--batch-size", "2", "--no-progress",
+                    "--device", "cpu"])
     out = capsys.readouterr().out
     assert rc == 1
     assert "MISMATCH: fused loss" in out and "on the same logits" in out
     assert "2 step(s) MISMATCHED" in out
+
+
+def test_judge_gives_a_ratio_only_when_the_timings_carry_it():
+    ms = 1e-3
+    # clear: 5 ms against 1 ms, quartile spreads far below the 4 ms between them
+    a = [5 * ms + i * 0.01 * ms for i in range(10)]
+    b = [1 * ms + i * 0.002 * ms for i in range(10)]
+    ratio, why = demo.judge(a, b)
+    assert why is None and ratio == pytest.approx(statistics.median(a) / statistics.median(b))
+    # overlapping: medians 1.1 vs 1.0 ms, but each side's quartiles spread over 0.5 ms
+    a = [(1.1 + 0.12 * (i % 5 - 2)) * ms for i in range(10)]
+    b = [(1.0 + 0.12 * (i % 5 - 2)) * ms for i in range(10)]
+    ratio, why = demo.judge(a, b)
+    assert ratio is None and why.startswith("too noisy to judge: a quartile spread of")
+    # the medians (3 vs 1.5 ms) differ by more than the quartiles spread (1 ms), but the halves disagree (the
+    # load changed during the run): 3x in the first half, 1.5x in the second
+    ratio, why = demo.judge([3 * ms] * 12, [1 * ms] * 6 + [2 * ms] * 6)
+    assert ratio is None and "the first and second half of the steps give 3.00x and 1.50x" in why
+    # halves on both sides of 1
+    ratio, why = demo.judge([1 * ms] * 6 + [4 * ms] * 6, [2 * ms] * 12)
+    assert ratio is None and why.startswith("too noisy to judge")
+    # too few steps
+    ratio, why = demo.judge([1 * ms] * 5, [2 * ms] * 5)
+    assert ratio is None and why.startswith("too few timed steps to judge (5;")
 
 
 @pytest.mark.parametrize("argv, message", [
