@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pyseqpack
-from pyseqpack.collators import _decoder_rule
+from pyseqpack.collators.transformers import decoder_rule as _decoder_rule
 
 OURS = {
     "seq2seq": pyseqpack.DataCollatorForSeq2Seq,
