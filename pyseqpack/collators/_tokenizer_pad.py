@@ -122,6 +122,19 @@ def _bad_token(rows):
     return None
 
 
+def raise_like_conversion(error: TypeError, rows, name: str, return_tensors: str, per_row: bool) -> None:
+    """After pad_shift_mask raised `error` (TypeError) on `rows`, a field transformers converts itself (labels
+    by torch.tensor / np.array of the padded lists, bare LM rows one torch.tensor / np.array each): raises
+    ValueError where that conversion does, for a str token: numpy always, torch when the str is the first
+    value it reads (of the batch, or of each row when `per_row`). Otherwise returns: the TypeError stands."""
+    bad = _bad_token(rows)
+    if bad is None:
+        return
+    i, j, value = bad
+    if isinstance(value, (str, bytes)) and j is not None and (return_tensors == "np" or j == 0 and (per_row or i == 0)):
+        raise ValueError(f"{name}[{i}][{j}]: expected integer token ids, got {value!r} (str)") from error
+
+
 def resolve_padding(tokenizer, padding, max_length):
     """(strategy, max_length) as tokenizer.pad reads `padding` and `max_length`."""
     if padding is True:

@@ -42,7 +42,15 @@ from ._common import (
     lengths,
     round_up,
 )
-from ._tokenizer_pad import Batch, Unsupported, batch_encoding, fit_width, geometry, uniform_width
+from ._tokenizer_pad import (
+    Batch,
+    Unsupported,
+    batch_encoding,
+    fit_width,
+    geometry,
+    raise_like_conversion,
+    uniform_width,
+)
 
 __all__ = [
     "DataCollatorWithPadding",
@@ -76,6 +84,16 @@ def _label_lengths(labels, name: str, error=TypeError):
             f"example {i} field {name!r} is {labels[i]!r}: labels must be a sequence of ids in every example, "
             "or None in every example"
         ) from None
+
+
+def _run_with_labels(batch, labels, label_name, return_tensors, *args):
+    """batch.run(labels, *args), a bad label token raising the exception type transformers' conversion of
+    the padded label lists raises."""
+    try:
+        return batch.run(labels, *args)
+    except TypeError as e:
+        raise_like_conversion(e, labels, label_name, return_tensors, per_row=False)
+        raise
 
 
 def _tensors(data: dict, return_tensors: str) -> dict:
@@ -255,8 +273,8 @@ class DataCollatorForSeq2Seq(transformers.DataCollatorForSeq2Seq):
             config = self.model.config
             if batch.pad_token_id is not None and config.pad_token_id == batch.pad_token_id:
                 fused_start = config.decoder_start_token_id if rule == "start" else config.pad_token_id
-        out = batch.run(labels, label_width, longest_label, self.label_pad_token_id, self.pad_to_multiple_of,
-                        fused_start)
+        out = _run_with_labels(batch, labels, label_name, return_tensors, label_width, longest_label,
+                               self.label_pad_token_id, self.pad_to_multiple_of, fused_start)
         data = batch.assemble(out, return_tensors)
         data["labels"] = out["labels"].numpy() if return_tensors == "np" else out["labels"]
         if rule is not None:
@@ -332,7 +350,8 @@ class DataCollatorForTokenClassification(transformers.DataCollatorForTokenClassi
         longest_label = max(label_lengths)
         label_width = fit_width(label_lengths, longest_label, batch.width, label_name,
                                 lambda: "labels are padded to the input length")
-        out = batch.run(labels, label_width, longest_label, self.label_pad_token_id)
+        out = _run_with_labels(batch, labels, label_name, return_tensors, label_width, longest_label,
+                               self.label_pad_token_id)
         data = batch.assemble(out, return_tensors)
         data[label_name] = out["labels"].numpy() if return_tensors == "np" else out["labels"]
         return batch_encoding(data)
@@ -430,15 +449,19 @@ class DataCollatorForLanguageModeling(transformers.DataCollatorForLanguageModeli
                 )
             width = round_up(width, self.pad_to_multiple_of)
         pad = self.tokenizer.pad_token_id  # None only when nothing is padded
-        out = pad_shift_mask(
-            rows,
-            labels=self._causal(),
-            pad_token_id=pad,
-            padding_side="right" if self.tokenizer.padding_side == "right" else "left",
-            return_attention_mask=False,
-            dtype=dtype if dtype in (torch.int32, torch.int64) else torch.int64,
-            **geometry(width, longest),
-        )
+        try:
+            out = pad_shift_mask(
+                rows,
+                labels=self._causal(),
+                pad_token_id=pad,
+                padding_side="right" if self.tokenizer.padding_side == "right" else "left",
+                return_attention_mask=False,
+                dtype=dtype if dtype in (torch.int32, torch.int64) else torch.int64,
+                **geometry(width, longest),
+            )
+        except TypeError as e:  # transformers converts each row with torch.tensor / np.array
+            raise_like_conversion(e, rows, "input_ids", return_tensors, per_row=True)
+            raise
         data = {"input_ids": out["input_ids"].to(dtype)}
         if not self.mlm:
             labels = out["labels"]
