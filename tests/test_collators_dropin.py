@@ -524,8 +524,8 @@ def test_lm_mlm_masks_as_transformers():
     tok = make_tokenizer("bert")
     rows = rand_rows(random.Random(14), tok, 4, 2, 9)
     feats = [{"input_ids": r} for r in rows]
-    # seed=1, not 0: transformers 5.17 tests `if self.seed and ...`, so seed=0 silently used the global RNG there
-    # (each collator then drew different masks); later versions test `is not None`.
+    # seed=1, not 0: some transformers versions test `if self.seed and ...`, for which seed=0 means the global RNG
+    # (each collator would then draw different masks).
     compare("lm", feats, tok, mlm=True, seed=1)
     compare("lm", feats, tok, mlm=True, seed=1, return_tensors="np")
     for bad in ({"mlm_probability": 1.5}, {"mask_replace_prob": 0.9, "random_replace_prob": 0.2}):

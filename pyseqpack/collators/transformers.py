@@ -8,7 +8,7 @@ DataCollatorForTokenClassification and DataCollatorForLanguageModeling, so a sub
 `super().torch_call(...)` gets the native path. They return what transformers returns for the same features:
 the same keys in the same order, dtypes, values, a BatchEncoding, and the same exception types for bad input
 (with messages that name the example and the field). Semantics: docs/semantics.md, 'transformers collators'
-and 'Decoder shifts'.
+(its 'Decoder shifts' paragraph for decoder_input_ids).
 
 Input the native path does not reproduce (a `tokenizer` that is not a transformers tokenizer, per-example 2-D
 attention masks, one unbatched example) is handed to the transformers method, the parent class's.
@@ -130,8 +130,8 @@ class DataCollatorWithPadding(transformers.DataCollatorWithPadding):
 # ---- DataCollatorForSeq2Seq: decoder_input_ids ---------------------------------------------------------------
 
 # transformers' DataCollatorForSeq2Seq calls model.prepare_decoder_input_ids_from_labels(labels). For the model
-# types below that method is one of three shifts (docs/semantics.md, 'Decoder shifts'), computed here without
-# calling the model:
+# types below that method is one of three shifts (docs/semantics.md, 'transformers collators', paragraph
+# 'Decoder shifts'), computed here without calling the model:
 #   "start":         out[:, 0] = decoder_start_token_id, out[:, j] = labels[:, j - 1], then -100 -> pad
 #   "wrap":          -100 -> pad, then shifted right by one with the row's last non-pad label in column 0
 #   "wrap_in_place": "wrap", and -100 -> pad in the labels tensor itself (FSMT rewrites its argument)
@@ -226,7 +226,7 @@ class DataCollatorForSeq2Seq(transformers.DataCollatorForSeq2Seq):
     (or all None) gives labels=None. With a `model` that has prepare_decoder_input_ids_from_labels,
     "decoder_input_ids" follow DECODER_RULES for its model_type: the "start" shift is fused into the padding
     pass, the "wrap" shifts are computed from the padded labels, and any other model's method is called.
-    docs/semantics.md, 'transformers collators' and 'Decoder shifts'.
+    docs/semantics.md, 'transformers collators' (paragraphs DataCollatorForSeq2Seq and 'Decoder shifts').
     """
 
     def _model_rule(self):
