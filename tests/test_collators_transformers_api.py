@@ -320,3 +320,31 @@ def test_bad_tokens_raise_as_transformers(kind, name, feats, return_tensors):
 def test_sft_missing_field_names_example_and_field(feats, needle):
     with pytest.raises(KeyError, match=needle):
         pyseqpack.DataCollatorForSFT(pad_token_id=0)(feats)
+
+
+@pytest.mark.parametrize("whole_word_mask", [False, True])
+def test_lm_seeded_masks_in_dataloader_workers(whole_word_mask):
+    """With a seed, each DataLoader worker seeds its own generator (seed + worker id) the transformers way:
+    the same batches as transformers' collator, and different ones for another seed."""
+    tok = make_tokenizer("bert")
+    rng = np.random.default_rng(2)
+    feats = []
+    for _ in range(8):
+        ids = [2] + rng.integers(5, 90, 12).tolist() + [3]
+        f = {"input_ids": ids}
+        if whole_word_mask:
+            f["offset_mapping"] = [(0, 0)] + [(k + k // 3, k + k // 3 + 1) for k in range(12)] + [(0, 0)]
+        feats.append(f)
+
+    def batches(cls, seed):
+        collator = quiet(cls, tok, seed=seed, whole_word_mask=whole_word_mask)
+        loader = torch.utils.data.DataLoader(feats, batch_size=2, num_workers=2, collate_fn=collator)
+        return list(loader)
+
+    ours, theirs = batches(pyseqpack.DataCollatorForLanguageModeling, 42), \
+        batches(transformers.DataCollatorForLanguageModeling, 42)
+    assert len(ours) == len(theirs) == 4
+    for a, b in zip(ours, theirs):
+        assert_same_batch(a, b)
+    other = batches(pyseqpack.DataCollatorForLanguageModeling, 43)
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(ours, other))
