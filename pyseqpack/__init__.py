@@ -54,7 +54,7 @@ else:
     _EXPORTS = {
         # collation op (pyseqpack/pad_shift_mask.py; kernels in csrc/pad_shift_mask*, kernels/pad_shift_mask.py)
         "pad_shift_mask": "pad_shift_mask",
-        # drop-in collators and the SFT collator (pyseqpack/collators.py)
+        # drop-in collators (pyseqpack/collators/transformers.py) and the SFT collator (pyseqpack/collators/sft.py)
         "DataCollatorForSeq2Seq": "collators",
         "DataCollatorWithPadding": "collators",
         "DataCollatorForLanguageModeling": "collators",

@@ -5,7 +5,7 @@ wrapped in `transformers.PreTrainedTokenizerFast`, with the special-token layout
 is pad, eos, bos, whether pad == eos, which side pads, whether token_type_ids are model inputs). Models are
 built from tiny configs (d_model 8, one layer, VOCAB_SIZE tokens) with random weights.
 
-    make_tokenizer(family, **overrides)  a fresh tokenizer (about 1 ms): tests may change padding_side etc.
+    make_tokenizer(family, **overrides)  a fresh tokenizer: tests may change padding_side etc.
     make_model(name)                     a cached tiny model (built once per process, never modify it)
     SEQ2SEQ_MODELS                       model name -> tokenizer family that goes with it
     word_ids(tokenizer)                  the ids of the ordinary (non-special) tokens

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pyseqpack
-from pyseqpack.collators import _decoder_rule
+from pyseqpack.collators.transformers import DECODER_RULES
+from pyseqpack.collators.transformers import decoder_rule as _decoder_rule
 
 OURS = {
     "seq2seq": pyseqpack.DataCollatorForSeq2Seq,
@@ -107,21 +108,75 @@ def test_seq2seq_with_model(name, side):
     assert ("decoder_input_ids" in out) == (EXPECTED_RULE[name] is not None)
 
 
-def test_seq2seq_does_not_call_known_models(monkeypatch):
-    """The T5/BART/mBART/FSMT rules are computed here: the model's method is never called for them."""
-    tok = make_tokenizer("bart")
+def calls_of(function, fn, *args, **kwargs):
+    """(fn(*args, **kwargs), how many times `function`'s code ran meanwhile), counted by a profile hook, so
+    nothing about the model is changed."""
+    import sys
+
+    code, count = function.__code__, [0]
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            count[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        sys.setprofile(None)
+    return result, count[0]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, rule in EXPECTED_RULE.items() if rule is not None))
+def test_seq2seq_does_not_call_known_models(name):
+    """The DECODER_RULES models are shifted here: the model's own method never runs (and its result is
+    matched by test_seq2seq_with_model)."""
+    model = make_model(name)
+    tok = make_tokenizer(SEQ2SEQ_MODELS[name])
     feats = seq2seq_features(random.Random(0), tok)
-    for name in ("bart", "mbart", "fsmt", "t5"):
-        model = make_model(name)
-        method = type(model).prepare_decoder_input_ids_from_labels
+    method = type(model).prepare_decoder_input_ids_from_labels
+    out, calls = calls_of(method, pyseqpack.DataCollatorForSeq2Seq(tok, model=model), feats)
+    assert "decoder_input_ids" in out and calls == 0
+    _, calls = calls_of(method, transformers.DataCollatorForSeq2Seq(tok, model=model), feats)
+    assert calls == 1  # the counter sees the method when it does run
 
-        def boom(*args, **kwargs):
-            pytest.fail("the model's prepare_decoder_input_ids_from_labels was called")
 
-        boom.__module__ = method.__module__  # the rule is read from the defining module: keep it
-        monkeypatch.setattr(type(model), "prepare_decoder_input_ids_from_labels", boom)
-        assert _decoder_rule(model) == EXPECTED_RULE[name]
-        assert "decoder_input_ids" in pyseqpack.DataCollatorForSeq2Seq(tok, model=model)(feats)
+def test_decoder_rules_table():
+    """DECODER_RULES lists exactly the model types with a rule, each naming a transformers class of that
+    type whose method the rule stands for."""
+    assert set(DECODER_RULES) == {n for n, rule in EXPECTED_RULE.items() if rule is not None}
+    for model_type, (rule, class_name, methods) in DECODER_RULES.items():
+        assert rule == EXPECTED_RULE[model_type]
+        cls = getattr(transformers, class_name)
+        assert cls.config_class.model_type == model_type
+        assert all(callable(getattr(cls, m)) for m in methods)
+
+
+def test_seq2seq_unknown_model_type_is_called():
+    """A model type not in DECODER_RULES: the model's own method is called, like transformers."""
+    config = copy.deepcopy(make_model("bart").config)
+    model = transformers.BartForConditionalGeneration(config)
+    model.config.model_type = "my_bart"  # an instance attribute: the class's model_type is untouched
+    assert _decoder_rule(model) == "call"
+    tok = make_tokenizer("bart")
+    feats = seq2seq_features(random.Random(3), tok)
+    out, calls = calls_of(type(model).prepare_decoder_input_ids_from_labels,
+                          pyseqpack.DataCollatorForSeq2Seq(tok, model=model), feats)
+    assert calls == 1
+    assert_same_batch(out, transformers.DataCollatorForSeq2Seq(tok, model=model)(feats))
+
+
+def test_seq2seq_overridden_t5_shift_is_called():
+    """T5's method shifts in self._shift_right: a subclass overriding _shift_right is called."""
+
+    class Shifted(transformers.T5ForConditionalGeneration):
+        def _shift_right(self, input_ids):
+            return input_ids.flip(-1).clamp(min=0)
+
+    model = Shifted(make_model("t5").config)
+    assert _decoder_rule(model) == "call"
+    tok = make_tokenizer("t5")
+    compare("seq2seq", seq2seq_features(random.Random(4), tok), tok, model=model)
 
 
 def test_seq2seq_unknown_model_is_called():
@@ -463,13 +518,14 @@ def test_lm_bare_empty_row_left_padding():
     assert out["labels"].tolist() == [[5, 6], [-100, -100]]
 
 
-def test_lm_mlm_delegates_to_transformers():
-    """mlm=True is transformers' own random masking: same seed, same batch; same argument validation."""
+def test_lm_mlm_masks_as_transformers():
+    """mlm=True: padded natively, masked by transformers' own methods: same seed, same batch; same argument
+    validation (transformers' own __post_init__)."""
     tok = make_tokenizer("bert")
     rows = rand_rows(random.Random(14), tok, 4, 2, 9)
     feats = [{"input_ids": r} for r in rows]
-    # seed=1, not 0: transformers 5.17 tests `if self.seed and ...`, so seed=0 silently used the global RNG there
-    # (each collator then drew different masks); later versions test `is not None`.
+    # seed=1, not 0: some transformers versions test `if self.seed and ...`, for which seed=0 means the global RNG
+    # (each collator would then draw different masks).
     compare("lm", feats, tok, mlm=True, seed=1)
     compare("lm", feats, tok, mlm=True, seed=1, return_tensors="np")
     for bad in ({"mlm_probability": 1.5}, {"mask_replace_prob": 0.9, "random_replace_prob": 0.2}):
@@ -554,7 +610,7 @@ def test_batch_encoding_and_tensor_types():
     assert out.to("cpu")["input_ids"].tolist() == [[5, 6]]
     theirs = transformers.DataCollatorForSeq2Seq(tok)([{"input_ids": [5, 6], "labels": [1]}])
     assert_same_batch(out, theirs)
-    # Built without its constructor (collators._batch_encoding): the same attributes and state as transformers'.
+    # Built without its constructor (_tokenizer_pad.batch_encoding): the same attributes and state as transformers'.
     assert vars(out).keys() == vars(theirs).keys()
     assert (out.encodings, out.n_sequences, out.is_fast) == (theirs.encodings, theirs.n_sequences, theirs.is_fast)
     out["extra"] = 1
