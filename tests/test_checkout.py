@@ -70,7 +70,7 @@ def test_source_folder_without_an_install_names_the_fix(tmp_path):
 
     shutil.copytree(os.path.join(ROOT, "pyseqpack"), tmp_path / "pyseqpack",
                     ignore=shutil.ignore_patterns("_build_info.py", "*.so", "__pycache__"))
-    proc = subprocess.run([sys.executable, "-S", "-c", "import pyseqpack"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-S", "-E", "-c", "import pyseqpack"], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert "holds no compiled modules" in proc.stderr and f"pip install {tmp_path}" in proc.stderr
