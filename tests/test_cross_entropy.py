@@ -29,8 +29,9 @@ from pyseqpack.cross_entropy import CrossEntropyOutput, fused_cross_entropy
 
 from devices import TRITON_DEVICE, device_for
 
-# the module (``pyseqpack.cross_entropy`` the attribute is the drop-in function)
+# the package (``pyseqpack.cross_entropy`` the attribute is the drop-in function) and its torch backend
 ce_mod = importlib.import_module("pyseqpack.cross_entropy")
+reference_mod = importlib.import_module("pyseqpack.cross_entropy.reference")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = [
@@ -276,7 +277,7 @@ def test_forward_only(backend):
 def test_torch_backend_chunks(monkeypatch):
     """The torch backend works in chunks of rows: a chunk size of 3 rows gives the same results."""
     logits, labels = make_inputs((5, 4), 97, torch.float32, "cpu")
-    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES", 3 * 97 * 4)
+    monkeypatch.setattr(reference_mod, "CHUNK_BYTES", 3 * 97 * 4)
     check(*run_both(logits, labels, "torch", label_smoothing=0.1, softcap=3.0), torch.float32)
 
 
@@ -413,7 +414,7 @@ def test_may_overlap(shape, strides, overlaps):
 
 
 def _contract_module(backend):
-    return ce_mod._backend_module(backend, device_for(backend))
+    return ce_mod.DISPATCH.launcher(backend, device_for(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -586,22 +587,37 @@ def test_contract_scale_grad(dtype, backend):
 
 
 def test_auto_uses_torch_on_cpu():
-    assert ce_mod._candidates("auto", torch.device("cpu")) == ["torch"]
-    cands = ce_mod._candidates("auto", torch.device("cuda"))
-    assert cands[-1] == "torch" and ("triton" in cands) == _native.triton_available(torch.device("cuda"))
+    assert ce_mod.DISPATCH.select("auto", torch.device("cpu"))[0] == "torch"
+    names = [name for name, _ in ce_mod.DISPATCH.candidates("auto", torch.device("cuda"))]
+    assert names[-1] == "torch" and ("triton" in names) == _native.triton_available(torch.device("cuda"))
+    assert ("cuda" in names) == _native.cuda_built()
+
+
+def test_launchers_share_one_signature():
+    """Every backend's launcher module exposes fwd_bwd / scale_grad_ with the same parameters (the reference adds
+    class_weight, which only it implements)."""
+    import inspect
+
+    cuda_launcher = importlib.import_module("pyseqpack.cross_entropy.cuda")
+    triton_launcher = importlib.import_module("pyseqpack.cross_entropy.triton")
+
+    for name in ("fwd_bwd", "scale_grad_"):
+        expected = list(inspect.signature(getattr(cuda_launcher, name)).parameters)
+        assert list(inspect.signature(getattr(triton_launcher, name)).parameters) == expected
+        ref = list(inspect.signature(getattr(reference_mod, name)).parameters)
+        assert ref[:len(expected)] == expected and ref[len(expected):] in ([], ["class_weight"])
 
 
 def test_auto_falls_back_on_launch_error(monkeypatch):
     """A backend that fails at launch (e.g. no C compiler for Triton) makes "auto" warn and use the next one."""
-    import pyseqpack.kernels.cross_entropy as tri
+    triton_launcher = importlib.import_module("pyseqpack.cross_entropy.triton")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated launch failure")
 
-    monkeypatch.setattr(tri, "fwd_bwd", broken)
-    monkeypatch.setattr(ce_mod, "_candidates", lambda backend, device: ["triton", "torch"] if backend == "auto"
-                        else [backend])
-    ce_mod._warn_fallback.cache_clear()
+    monkeypatch.setattr(triton_launcher, "fwd_bwd", broken)
+    # a dispatcher that prefers triton on every device, so that the fallback is reached on this machine too
+    monkeypatch.setattr(ce_mod, "DISPATCH", ce_mod._dispatcher({"cpu": ("triton",), "cuda": ("triton",)}))
     logits, labels = make_inputs((2, 3), 17, torch.float32, TRITON_DEVICE)
     with pytest.warns(RuntimeWarning, match="simulated launch failure"):
         out = fused_cross_entropy(logits, labels)

@@ -38,12 +38,11 @@ Backends (one launcher module each, same ``fwd_bwd`` / ``scale_grad_`` signature
            fp32 copy of the whole logits is ever held
 * "auto"   CUDA tensor: cuda if built, else triton, else torch (also on a launch failure); CPU tensor: torch.
 
-The ops ``pyseqpack::cross_entropy_fwd_bwd`` (functional, with a registered autograd formula),
+The ops ``pyseqpack::cross_entropy_fwd_bwd`` (writes the gradient into a buffer it is given),
 ``pyseqpack::cross_entropy_fwd_bwd_inplace`` (writes the gradient into the logits) and
-``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, so ``torch.compile(fullgraph=True)`` traces
-through ``fused_cross_entropy`` and ``cross_entropy`` without a graph break. In a traced backward the saved
-gradient is multiplied out of place (see ``_apply_grad_output``): one read and one write of it, which inductor
-fuses into one kernel.
+``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, and their autograd is an autograd.Function
+(``_CrossEntropyFunction``), so ``torch.compile(fullgraph=True)`` traces through ``fused_cross_entropy`` and
+``cross_entropy`` without a graph break.
 """
 from __future__ import annotations
 
@@ -55,7 +54,6 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
 from .. import _native
 from .._dispatch import Dispatcher
@@ -179,35 +177,40 @@ def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_inde
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd", mutates_args=())
+# The three ops are kernels: they compute, and write only the tensors their schema declares as mutated. The
+# gradient lives in a buffer that the op fills in the forward and backward scales in place, so it is an input
+# of the op (mutated), never an output: an output that a later backward changes is no function of the op's
+# inputs, and AOTAutograd could not give the forward graph such an output. Autograd is _CrossEntropyFunction
+# below, which torch.compile traces like any autograd.Function.
+
+
+@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd", mutates_args=("grad",))
 def _fwd_bwd_op(
     logits: Tensor,
     labels: Tensor,
     grad_scale: Tensor,
     row_weight: Optional[Tensor],
     class_weight: Optional[Tensor],
+    grad: Optional[Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
     softcap: float,
-    compute_grad: bool,
     with_accuracy: bool,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits written into ``grad``.
 
     logits [..., V] fp32/bf16/fp16 (stride(-1) == 1), labels [...] int64/int32, grad_scale [1] fp32 (device),
     row_weight [...] fp32 or None (per-row factor: class weights of the targets), class_weight [V] or None
-    (torch backend). Returns loss [N] fp32 = grad_scale * row_weight * per-row loss, lse [N] fp32,
-    correct [N] int32 (with_accuracy; without it the kernels skip the argmax and correct is an empty [0] int32
-    tensor: same schema, and its sum is still 0), grad (logits' shape and dtype, contiguous;
-    grad_scale * d loss_i / d logits, *without* row_weight, which backward applies) or an empty tensor when
-    compute_grad is False. loss, lse and grad do not depend on with_accuracy.
+    (reference backend), grad (logits' shape and dtype, contiguous) or None (forward only): receives
+    grad_scale * d loss_i / d logits, *without* row_weight, which backward applies. Returns loss [N] fp32 =
+    grad_scale * row_weight * per-row loss, lse [N] fp32, correct [N] int32 (with_accuracy; without it the
+    kernels skip the argmax and correct is an empty [0] int32 tensor: same schema, and its sum is still 0).
+    loss, lse and grad do not depend on with_accuracy.
     """
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
-    loss, lse, correct = _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index,
-                              label_smoothing, z_loss, softcap, with_accuracy, backend)
-    return loss, lse, correct, grad if grad is not None else logits.new_empty(0)
+    return _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
+                softcap, with_accuracy, backend)
 
 
 def _fake_rows(logits, labels, with_accuracy):
@@ -221,10 +224,9 @@ def _fake_rows(logits, labels, with_accuracy):
 
 
 @_fwd_bwd_op.register_fake
-def _(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-      compute_grad, with_accuracy, backend):
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-    return _fake_rows(logits, labels, with_accuracy) + (grad,)
+def _(logits, labels, grad_scale, row_weight, class_weight, grad, ignore_index, label_smoothing, z_loss, softcap,
+      with_accuracy, backend):
+    return _fake_rows(logits, labels, with_accuracy)
 
 
 @torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd_inplace", mutates_args=("logits",))
@@ -280,67 +282,55 @@ def _(grad, grad_output, backend):
     return None
 
 
-def _apply_grad_output(grad, row_weight, g_loss, backend):
-    """The gradient w.r.t. the logits from the saved one: times grad_output (and the per-row weights).
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Autograd of the fused loss: the forward computes the gradient (into a new buffer, or into the logits with
+    ``inplace``), backward scales it by grad_output (and the per-row weights) in place and hands it over.
 
-    Eager mode scales the saved gradient in place: no second N x V buffer, and a factor of exactly 1.0 (the
-    usual ``loss.backward()``) is skipped on the device. A traced backward (fake tensors: torch.compile,
-    AOTAutograd) multiplies out of place instead. Functionalization replays an in-place change of a tensor onto
-    every graph output that holds it, and the saved gradient is an output of the forward op: scaled in place,
-    that forward output would depend on the backward, which no partition into a forward and a backward graph
-    can hold. The multiply is one read and one write of the gradient, the traffic of the copy that a
-    functionalized in-place op needs anyway, and inductor fuses it into one kernel.
+    The in-place scaling bumps the gradient's version, so a second backward through the same graph
+    (retain_graph=True) raises instead of scaling it twice. Under torch.compile, functionalization turns it into
+    a copy of the saved gradient and a scaling of the copy (one extra read and write of it, in the same memory);
+    eager mode has none.
     """
-    if g_loss is None:
-        return None
-    factor = g_loss if row_weight is None else g_loss * row_weight.reshape(g_loss.shape)
-    if is_fake(grad):
-        f = factor.to(torch.float32).reshape(-1)
-        f = f.reshape(grad.shape[:-1] + (1,)) if f.numel() > 1 else f
-        return (grad.float() * f).to(grad.dtype)
-    torch.ops.pyseqpack.cross_entropy_scale_grad_(grad, factor, backend)
-    return grad
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[11]
-    ctx.save_for_backward(output[3], inputs[3])
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
-    # Without this, autograd hands backward a materialized N x V tensor of zeros for the (unused) gradient
-    # output: a full extra write of the logits' size in every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, g_loss, g_lse, g_correct, g_grad):
-    # The gradient was computed in the forward; scaling it in place bumps its version, so a second backward
-    # through the same graph (retain_graph=True) raises instead of scaling it twice.
-    grad, row_weight = ctx.saved_tensors
-    return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 11
-
-
-_fwd_bwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _InplaceCrossEntropy(torch.autograd.Function):
-    """Autograd for the in-place op (torch.library cannot register a formula on a mutating op)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap,
-                with_accuracy, backend):
-        loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
-            logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
-            backend
-        )
+    def forward(ctx, logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
+                softcap, inplace, with_accuracy, backend):
+        options = (ignore_index, label_smoothing, z_loss, softcap, with_accuracy, backend)
+        if inplace:
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
+                logits, labels, grad_scale, row_weight, *options)
+            grad = logits  # the logits now hold the gradient
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+                logits, labels, grad_scale, row_weight, class_weight, grad, *options)
         ctx.backend = backend
-        ctx.save_for_backward(logits, row_weight)  # logits now hold the gradient
+        ctx.save_for_backward(grad, row_weight)
         ctx.mark_non_differentiable(lse, correct)
+        # Without this, autograd would hand backward materialized zeros for the lse and correct outputs.
         ctx.set_materialize_grads(False)
         return loss, lse, correct
 
     @staticmethod
     def backward(ctx, g_loss, g_lse, g_correct):
+        if g_loss is None:
+            return (None,) * 12
         grad, row_weight = ctx.saved_tensors
-        return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 9
+        factor = g_loss if row_weight is None else g_loss * row_weight.reshape(g_loss.shape)
+        torch.ops.pyseqpack.cross_entropy_scale_grad_(grad, factor, ctx.backend)
+        return (grad,) + (None,) * 11
+
+
+def _rows(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+          inplace, with_accuracy, backend):
+    """(loss, lse, correct) per row, differentiable w.r.t. the logits when grad mode needs it (the gradient is
+    then computed in the same pass); the forward-only kernels otherwise."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropyFunction.apply(logits, labels, grad_scale, row_weight, class_weight, ignore_index,
+                                           label_smoothing, z_loss, softcap, inplace, with_accuracy, backend)
+    return torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, grad_scale, row_weight, class_weight, None,
+                                                     ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
+                                                     backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -553,15 +543,9 @@ def fused_cross_entropy(
         grad_scale = (1.0 / num_tokens.clamp(min=1).to(torch.float32)).reshape(1)
     else:
         grad_scale = torch.ones(1, dtype=torch.float32, device=dev)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
     cap = float(softcap) if softcap is not None else 0.0
-    args = (int(ignore_index), float(label_smoothing), float(z_loss), cap)
-    if inplace_backward and compute_grad:
-        rows, _, correct = _InplaceCrossEntropy.apply(logits, labels, grad_scale, None, *args, True, backend)
-    else:
-        rows, _, correct, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-            logits, labels, grad_scale, None, None, *args, compute_grad, True, backend
-        )
+    rows, _, correct = _rows(logits, labels, grad_scale, None, None, int(ignore_index), float(label_smoothing),
+                             float(z_loss), cap, bool(inplace_backward), True, backend)
     loss = rows.reshape(labels.shape) if reduction == "none" else rows.sum()
     num_correct = correct.sum(dtype=torch.int64)
     accuracy = num_correct.to(torch.float32) / num_tokens.clamp(min=1).to(torch.float32)
@@ -641,12 +625,9 @@ def cross_entropy(
         grad_scale = (1.0 / denom).reshape(1)  # inf for zero valid targets: NaN loss, as torch
     else:
         grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
-    compute_grad = torch.is_grad_enabled() and x.requires_grad
     # with_accuracy=False: torch's function returns no accuracy, so the kernels skip the argmax
-    rows, _, _, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-        x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0, 0.0,
-        compute_grad, False, "auto",
-    )
+    rows, _, _ = _rows(x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0,
+                       0.0, False, False, "auto")
     if reduction == "none":
         out = rows.reshape(()) if squeeze else rows
     else:
