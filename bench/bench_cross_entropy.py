@@ -130,17 +130,15 @@ def _pyseqpack(backend, loss_only=False):
 
         def dropin_step(logits, labels):
             # pyseqpack.cross_entropy(logits, labels, ignore_index=IGNORE) takes no backend argument (it is
-            # torch's signature), so this is its body for [N, V] logits without class weights, calling its op
-            # with the backend named: the label check (on a GPU a device-side assert, as in the fused rows), the
-            # mean over the valid labels, with_accuracy=False, the loss in the logits' dtype.
+            # torch's signature), so this is its body for [N, V] logits without class weights, with the backend
+            # named: the label check (on a GPU a device-side assert, as in the fused rows), the mean over the
+            # valid labels, with_accuracy=False, the loss in the logits' dtype.
             if ce_mod._label_checks_default():
                 ce_mod._check_label_range(labels, logits.shape[-1], IGNORE, "target", IndexError)
             valid = labels != IGNORE
             grad_scale = (1.0 / valid.sum().to(torch.float32)).reshape(1)
-            compute_grad = torch.is_grad_enabled() and logits.requires_grad
-            rows = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-                logits, labels, grad_scale, None, None, IGNORE, 0.0, 0.0, 0.0, compute_grad, False, backend
-            )[0]
+            rows = ce_mod._rows(logits, labels, grad_scale, None, None, IGNORE, 0.0, 0.0, 0.0, False, False,
+                                backend)[0]
             return rows.sum().to(logits.dtype), None
 
         return dropin_step if loss_only else step

@@ -63,7 +63,7 @@ constexpr int kBlockSizes[3] = {256, 512, 1024};
 constexpr int kScaleBlock = 256;
 constexpr int kMaxDevices = 128;
 
-// dtype codes of the C ABI (pyseqpack/cross_entropy_cuda.py holds the same table).
+// dtype codes of the C ABI (pyseqpack/cross_entropy/cuda.py holds the same table).
 enum DTypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Storage word of each element type and its conversions to / from fp32 (round to nearest even).

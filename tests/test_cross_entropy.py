@@ -550,8 +550,9 @@ def test_op_with_accuracy_false(inplace, backend):
                 x, labels, scale, None, *args, with_accuracy, backend)
             grad = x
         else:
-            loss, lse, correct, grad = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-                x, labels, scale, None, None, *args, True, with_accuracy, backend)
+            grad = torch.full_like(x, float("nan"))
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+                x, labels, scale, None, None, grad, *args, with_accuracy, backend)
         outs.append((loss, lse, grad, correct))
     (loss_a, lse_a, grad_a, correct_a), (loss_b, lse_b, grad_b, correct_b) = outs
     assert correct_a.shape == (12,) and int(correct_a.sum()) > 0
@@ -715,3 +716,16 @@ def test_public_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # importing the module registers the ops without warnings
         assert torch.ops.pyseqpack.cross_entropy_fwd_bwd.default is not None
+
+
+def test_op_refuses_a_gradient_buffer_it_cannot_fill():
+    """cross_entropy_fwd_bwd writes the gradient into `grad`: it must be a contiguous tensor shaped like the
+    logits, with their dtype, and not the logits' own memory (that is the in-place op)."""
+    logits, labels = make_inputs((4,), 9, torch.float32, "cpu")
+    scale = torch.ones(1)
+    args = (-100, 0.0, 0.0, 0.0, True, "torch")
+    for grad in (torch.empty(4, 10), torch.empty(4, 9, dtype=torch.bfloat16), torch.empty(9, 4).t()):
+        with pytest.raises(ValueError, match="grad must be a contiguous torch.float32 tensor of the logits' shape"):
+            torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, grad, *args)
+    with pytest.raises(ValueError, match="grad shares memory with logits"):
+        torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, logits, *args)

@@ -149,7 +149,7 @@ def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_inde
     correct = torch.empty(n if with_accuracy else 0, dtype=torch.int32, device=dev)
     flat_labels = labels.reshape(-1).contiguous()
     pieces = _row_views(logits)
-    # a new gradient buffer is contiguous: its rows line up with the logits' pieces by row index
+    # a separate gradient buffer is contiguous (checked by the op): its rows line up with the logits' pieces
     grad2d = None if grad is None or grad is logits else grad.view(-1, v)
     scale = grad_scale.reshape(1).to(torch.float32)
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
@@ -209,6 +209,14 @@ def _fwd_bwd_op(
     kernels skip the argmax and correct is an empty [0] int32 tensor: same schema, and its sum is still 0).
     loss, lse and grad do not depend on with_accuracy.
     """
+    if grad is not None:
+        if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device \
+                or not grad.is_contiguous():
+            raise ValueError(
+                f"grad must be a contiguous {logits.dtype} tensor of the logits' shape {tuple(logits.shape)} on "
+                f"{logits.device}, got {grad.dtype} {tuple(grad.shape)} on {grad.device} with strides {grad.stride()}")
+        if grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            raise ValueError("grad shares memory with logits: use cross_entropy_fwd_bwd_inplace for that")
     return _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
                 softcap, with_accuracy, backend)
 
@@ -512,7 +520,7 @@ def fused_cross_entropy(
             gradients; code that keeps its own reference outside autograd (a logging hook, a cache) is NOT
             protected. Refused for leaf tensors, views of leaves, and overlapping (expanded) logits. Only has an
             effect when a gradient is computed (grad enabled and logits.requires_grad).
-        backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
+        backend: "auto", "cuda", "triton" or "torch" (see the docstring of pyseqpack/cross_entropy/__init__.py).
         check_labels: validate in eager mode that every label is in [0, V) or ignore_index. None (default):
             on unless the environment sets PYSEQPACK_CHECK_LABELS=0; on CPU tensors it raises ValueError naming
             the position, on a GPU it is a device-side assert (no host sync). True: the host-side check with the

@@ -26,10 +26,11 @@ transformers is patched; everything is undone by :func:`remove_fused_loss`):
   ``_SEQ2SEQ_LOSS_FUNCTION`` (T5Gemma, Moonshine, ...): the instance's ``loss_function`` is set, the override hook
   transformers provides. The model keeps passing ``num_items_in_batch`` and ``shift_labels``.
 * The encoder-decoder heads of ``_SEQ2SEQ_INLINE_LOSS``, which compute ``CrossEntropyLoss`` inline (T5, mT5, BART,
-  mBART, Marian, Pegasus, ...): the instance's ``forward`` is wrapped. It takes ``labels`` away (pass them by keyword, as ``model(**batch)`` does),
-  builds ``decoder_input_ids`` from them exactly as the model would (``prepare_decoder_input_ids_from_labels``),
-  runs the model without a loss, and scores its logits. These models ignore ``num_items_in_batch`` (their loss is
-  a plain per-batch mean, also under Trainer's gradient accumulation), and so does the wrapper.
+  mBART, Marian, Pegasus, ...): the instance's ``forward`` is wrapped. It takes ``labels`` away (pass them by
+  keyword, as ``model(**batch)`` does), builds ``decoder_input_ids`` from them exactly as the model would
+  (``prepare_decoder_input_ids_from_labels``), runs the model without a loss, and scores its logits. These models
+  ignore ``num_items_in_batch`` (their loss is a plain per-batch mean, also under Trainer's gradient accumulation),
+  and so does the wrapper.
 
 The fused loss validates label ranges with one host sync per call unless ``PYSEQPACK_CHECK_LABELS=0`` (see
 ``pyseqpack.fused_cross_entropy``); set it for sync-free training steps.
