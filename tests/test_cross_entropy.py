@@ -729,3 +729,13 @@ def test_op_refuses_a_gradient_buffer_it_cannot_fill():
             torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, grad, *args)
     with pytest.raises(ValueError, match="grad shares memory with logits"):
         torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, logits, *args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows(backend):
+    """[0, V] logits: no token, loss 0 and an empty gradient, as the reference gives."""
+    logits = torch.zeros(0, 7, device=device_for(backend))
+    labels = torch.zeros(0, dtype=torch.int64, device=logits.device)
+    out, grad, ref, ref_grad = run_both(logits, labels, backend)
+    assert grad.shape == (0, 7) and int(out.num_tokens) == 0
+    check(out, grad, ref, ref_grad, torch.float32)

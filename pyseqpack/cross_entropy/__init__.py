@@ -65,6 +65,7 @@ _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("mean", "sum", "none")
 
+
 class CrossEntropyOutput(NamedTuple):
     """Result of ``fused_cross_entropy``; every field is a tensor on the logits' device (no host sync).
 
@@ -215,7 +216,7 @@ def _fwd_bwd_op(
             raise ValueError(
                 f"grad must be a contiguous {logits.dtype} tensor of the logits' shape {tuple(logits.shape)} on "
                 f"{logits.device}, got {grad.dtype} {tuple(grad.shape)} on {grad.device} with strides {grad.stride()}")
-        if grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+        if logits.numel() and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
             raise ValueError("grad shares memory with logits: use cross_entropy_fwd_bwd_inplace for that")
     return _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
                 softcap, with_accuracy, backend)
