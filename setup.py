@@ -20,7 +20,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -168,7 +168,7 @@ setup(
     version=VERSION,
     # kernels/ installs as pyseqpack.kernels, a namespace subpackage: the checkout's kernels/ has no __init__.py,
     # so it never shadows the PyPI package `kernels` when Python runs in the checkout's root.
-    packages=["pyseqpack", "pyseqpack.collators", "pyseqpack.kernels", "pyseqpack.integrations", "pyseqpack.data"],
+    packages=find_packages(include=["pyseqpack", "pyseqpack.*"]) + ["pyseqpack.kernels", "pyseqpack.data"],
     package_dir={"pyseqpack": "pyseqpack", "pyseqpack.kernels": "kernels"},
     package_data={"pyseqpack.data": ["*.txt"], "pyseqpack.kernels": ["README.md"]},
     ext_modules=ext_modules,

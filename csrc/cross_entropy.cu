@@ -1,6 +1,7 @@
 // Fused cross-entropy on CUDA: per-row loss, log-sum-exp, token accuracy and (optionally) the gradient.
-// The CUDA backend of pyseqpack.cross_entropy; pyseqpack/cross_entropy_cuda.py calls the two C entry points
-// at the bottom of this file through ctypes.
+// The CUDA backend of pyseqpack.cross_entropy; pyseqpack/cross_entropy/cuda.py calls the two C entry points
+// at the bottom of this file through ctypes. Semantics: docs/semantics.md, "Cross-entropy, as pyseqpack
+// defines it".
 //
 // Math, for one row in fp32, with x the row after the optional softcap (x <- c * tanh(x_raw / c)):
 //   lse     = log(sum_j exp(x_j))
@@ -14,45 +15,21 @@
 // Two passes over each row of V elements of size s bytes:
 //   pass 1: online max / sum-exp (a running max m and sum(exp(x - m)) per thread, rescaled when m grows),
 //           the first argmax and sum(x), merged across threads with warp shuffles and shared memory.
-//           Loss only (correct == NULL): both kernels are instantiated with ACC = false, whose statistics
+//           Loss only (correct == NULL): the kernel is instantiated with ACC = false, whose statistics
 //           have no argmax at all (no index compare per element, no index shuffles or merges); loss, lse and
 //           grad come out the same.
 //   pass 2: only with a gradient: writes grad (V s bytes) from the row kept in shared memory by pass 1.
 // The DRAM floor of the op is one read of the logits and one write of the gradient, 2 V s bytes per row.
-// Two kernels:
 //
 // ce_row_kernel: one CTA per row (grid N, 256 / 512 / 1024 threads). Pass 1 keeps the first `ncache` 16-byte
-//   vectors of the row in the CTA's shared memory (as many as its share of the SM holds: ~226 KB with one
-//   1024-thread CTA per SM, the whole row up to ~115k bf16 / ~58k fp32 elements on H100). A longer row has
-//   its uncached rest re-read by pass 2, in reverse order, so the part pass 1 read last, the most likely to
+//   vectors of the row in the CTA's shared memory (as many as its share of the SM holds: ~226 KB of sm_90's
+//   228 KB with one 1024-thread CTA per SM, the whole row up to ~115k bf16 / ~58k fp32 elements). A longer
+//   row has its uncached rest re-read by pass 2, in reverse order, so the part pass 1 read last, the most likely to
 //   still be in L2, comes first; the uncached loads of pass 1 use .cg (L2 only) so they stay in L2, the
 //   cached ones and the gradient stores evict-first (.cs) so they do not push that rest out. Traffic per
 //   row: V s read + V s written + the uncached rest, (V - 8 * ncache) s for bf16, re-read from L2 at best,
-//   from DRAM at worst (bf16 V = 151936 on H100: a quarter of the row). With ~1 CTA per SM at large V, one
+//   from DRAM at worst (bf16 V = 151936 on sm_90: a quarter of the row). With ~1 CTA per SM at large V, one
 //   row's pass 2 (writes) does not overlap the next row's pass 1 (reads) on the same SM.
-//   Used for forward only (one read, nothing cached), for rows that fit the cache, for grad rows not
-//   aligned like the logits rows, and whenever the cluster kernel does not apply.
-//
-// ce_cluster_kernel (sm_90 thread-block clusters; opt-in, see cluster_mode below): a cluster of C CTAs
-//   (C in {2, 4, 8}) shares one row: grid N * C, cluster dims {C, 1, 1}, row = blockIdx.x / C. With the row
-//   split into a scalar head, nvec aligned 16-byte vectors and a scalar tail (split_row), CTA `rank` owns
-//   the vectors [rank * per, min((rank + 1) * per, nvec)), per = ceil(nvec / C); rank 0 also owns the head
-//   and rank C - 1 the tail (< 8 elements each, read from global memory in both passes). Pass 1 loads the
-//   CTA's slice into its own shared memory exactly once (evict-first) and computes the slice's statistics;
-//   the C CTAs then exchange them through distributed shared memory: each publishes its block result in a
-//   shared slot, and after a cluster barrier each reads all C slots in rank order and folds them with
-//   stats_merge, so every CTA computes bit-identical lse; a second cluster barrier keeps every slot alive
-//   until all reads are done. Pass 2 writes the slice's gradient from shared memory. Traffic per row: V s
-//   read + V s written, the floor, at any V the C slices fit; C is the smallest size whose slice fits the
-//   shared-memory share of 2 CTAs per SM, so each SM holds 2+ CTAs (different rows, or slices of a row)
-//   and one's gradient writes overlap another's reads. On H100 (228 KB per SM): C = 4 for bf16 V = 128256
-//   .. 151936, C = 8 for bf16 V = 256000 and fp32 V = 128256 .. 151936; fp32 V = 256000 (1 MB rows) does
-//   not fit even C = 8 and stays on ce_row_kernel. The cluster path is taken only when cluster_mode == 1,
-//   a gradient is asked for, grad rows are aligned like the logits rows (vector path), the row does not fit
-//   ce_row_kernel's cache, and the device launches clusters (cudaDevAttrClusterLaunch; not sm_80) with the
-//   kernel built from sm_90+ code (see init_clusters). It is opt-in (pyseqpack.cross_entropy_cuda.USE_CLUSTERS,
-//   env PYSEQPACK_CE_CLUSTERS=1) until a GPU run has validated it: it was written and compiled without a GPU
-//   to run it on.
 //
 // Vector accesses are 16 bytes (8 bf16/fp16, 4 fp32). A row whose start is not 16-byte aligned (any row
 // stride is allowed) is split into a scalar head up to the first 16-byte boundary, aligned vectors, and a
@@ -63,7 +40,6 @@
 // All index math is int64 (N * V exceeds 2^31 in real runs); the kernels never read logits outside
 // [row * stride, row * stride + V) and never sync with the host (grad_scale is read on the device).
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -76,8 +52,6 @@
 
 #include "cuda_common.cuh"
 
-namespace cg = cooperative_groups;
-
 namespace {
 
 constexpr float kLog2e = 1.4426950408889634f;
@@ -87,14 +61,9 @@ constexpr int kUnroll = 4;
 constexpr int kMaxBlock = 1024;
 constexpr int kBlockSizes[3] = {256, 512, 1024};
 constexpr int kScaleBlock = 256;
-// ce_cluster_kernel: CTAs per row (cluster sizes tried in order) and threads per CTA (256 when shared memory
-// lets 3+ CTAs share an SM, 512 when only 2 do, so each SM keeps 24 to 32 warps loading).
-constexpr int kClusterSizes[3] = {2, 4, 8};
-constexpr int kClusterBlocks[2] = {256, 512};
-constexpr int kClusterMaxBlock = 512;
 constexpr int kMaxDevices = 128;
 
-// dtype codes of the C ABI (pyseqpack/cross_entropy_cuda.py holds the same table).
+// dtype codes of the C ABI (pyseqpack/cross_entropy/cuda.py holds the same table).
 enum DTypeCode : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Storage word of each element type and its conversions to / from fp32 (round to nearest even).
@@ -485,149 +454,6 @@ __global__ void __launch_bounds__(kMaxBlock, 1) ce_row_kernel(const CeArgs a) {
   }
 }
 
-// One cluster of C CTAs per row (see the file comment): grid (N * C) with cluster dims {C, 1, 1}, block 256 /
-// 512 threads, dynamic shared memory per * 16 bytes (per = ceil(nvec / C) for every row: the host sizes it
-// with floor(V / VEC) >= nvec). Only with a gradient (a.grad != nullptr), on the vector path.
-//   T    float / __nv_bfloat16 / __half: the element type of logits and grad.
-//   VEC  16 / sizeof(T): elements per 16-byte access.
-//   ACC  track the first argmax and write a.correct (false: loss only, a.correct is nullptr).
-// Every thread of every CTA reaches both cluster barriers: nothing returns before the second one.
-template <typename T, int VEC, bool ACC>
-__global__ void __launch_bounds__(kClusterMaxBlock, 2) ce_cluster_kernel(const CeArgs a) {
-  static_assert(VEC * sizeof(T) == 16, "the cluster kernel has only the 16-byte vector path");
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  using Acc = Access<T, VEC>;
-  using Bits = typename Acc::Bits;
-  using Raw = typename Acc::Raw;
-  extern __shared__ uint4 dynamic_smem[];
-  Raw* slice = reinterpret_cast<Raw*>(dynamic_smem);
-  __shared__ RowStats<ACC> warp_slots[32];
-  __shared__ RowStats<ACC> slice_slot;  // this CTA's statistics, read by every CTA of the cluster
-  __shared__ RowStats<ACC> row_slot;    // the row's statistics, folded by warp 0 from all C slice slots
-
-  const cg::cluster_group cluster = cg::this_cluster();
-  const int C = static_cast<int>(cluster.num_blocks());
-  const int rank = static_cast<int>(cluster.block_rank());
-  const int tid = threadIdx.x;
-  const int nthreads = blockDim.x;
-  const int64_t row = blockIdx.x / C;
-  const int64_t V = a.V;
-  const Bits* x_row = static_cast<const Bits*>(a.logits) + row * a.logits_stride;
-
-  const long long y = load_label(a, row);
-  const bool valid = y != a.ignore_index && y >= 0 && y < V;  // out-of-range labels count as ignored
-  const bool capped = a.softcap > 0.f;
-  const float inv_cap = capped ? 1.f / a.softcap : 0.f;
-
-  // x[y] (anywhere in the row) for the loss, loaded by the CTA that writes it. It is read before this CTA
-  // arrives at the first cluster barrier, and the CTA owning x[y] writes grad only after that barrier, so
-  // an in-place gradient cannot overwrite it first.
-  const bool writer = rank == 0 && tid == 0;
-  float x_label = 0.f;
-  if (writer && valid) x_label = Elem<T>::to_float(x_row[y]);
-
-  // The row's split is the same in every CTA; this CTA owns the accesses [lo, lo + n_own) of it, stored at
-  // slice[0, n_own). A rank past the end (nvec < C * per) owns none.
-  const RowSplit sp = split_row<T, VEC>(x_row, V);
-  const int64_t per = (sp.nvec + C - 1) / C;
-  const int64_t lo = min(static_cast<int64_t>(rank) * per, sp.nvec);
-  const int64_t n_own = min(per, sp.nvec - lo);
-  const Raw* x_vec = reinterpret_cast<const Raw*>(x_row + sp.head) + lo;
-  const bool has_head = rank == 0 && tid < sp.head;
-  const bool has_tail = rank == C - 1 && tid < V - sp.tail_start;
-  const int64_t stride = static_cast<int64_t>(kUnroll) * nthreads;
-
-  // ---- pass 1: the slice into shared memory (the only global read of it: evict-first) and its statistics;
-  // thread t visits head element t (rank 0), accesses t, t + B, ..., then tail element t (rank C - 1), in
-  // increasing index order.
-  RowStats<ACC> st = stats_empty<ACC>();
-  if (has_head) {
-    float x[1] = {soft_cap(Elem<T>::to_float(x_row[tid]), capped, a.softcap, inv_cap)};
-    stats_add(st, x, tid);
-  }
-  for (int64_t base = tid; base < n_own; base += stride) {
-    Raw r[kUnroll] = {};
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + static_cast<int64_t>(u) * nthreads;
-      if (i < n_own) r[u] = __ldcs(x_vec + i);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + static_cast<int64_t>(u) * nthreads;
-      if (i < n_own) {
-        slice[i] = r[u];
-        float x[VEC];
-        Acc::unpack(r[u], x);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) x[k] = soft_cap(x[k], capped, a.softcap, inv_cap);
-        stats_add(st, x, sp.head + (lo + i) * VEC);
-      }
-    }
-  }
-  if (has_tail) {
-    const int64_t j = sp.tail_start + tid;
-    float x[1] = {soft_cap(Elem<T>::to_float(x_row[j]), capped, a.softcap, inv_cap)};
-    stats_add(st, x, j);
-  }
-  // Leaves the slice's statistics in slice_slot; its barriers also publish the slice to the whole CTA.
-  block_merge(st, warp_slots, &slice_slot);
-
-  // ---- exchange. Barrier 1 (release / acquire at cluster scope): every slice_slot of the cluster is
-  // written. Warp 0 reads the C slots, lane r from rank r through DSMEM, and folds them in rank order
-  // (0, 1, ..., C - 1), the same order in every CTA, so all CTAs hold bit-identical row statistics (the
-  // argmax does not depend on the order: equal maxima keep the smaller index).
-  cluster.sync();
-  if (tid < 32) {
-    const RowStats<ACC> mine = tid < C ? *cluster.map_shared_rank(&slice_slot, tid) : stats_empty<ACC>();
-    RowStats<ACC> folded = stats_empty<ACC>();
-    for (int r = 0; r < C; ++r) folded = stats_merge(folded, shfl_stats(mine, r));
-    if (tid == 0) row_slot = folded;
-  }
-  // Barrier 2: no CTA reads another's slice_slot after it (so each may leave once pass 2 is done), and it
-  // publishes row_slot to the CTA's own threads.
-  cluster.sync();
-  const RowStats<ACC> rs = row_slot;
-  const float lse = rs.m + logf(rs.s);  // -inf for an all -inf row
-
-  if (writer) write_row_outputs(a, row, rs, lse, valid, y, soft_cap(x_label, capped, a.softcap, inv_cap));
-
-  // ---- pass 2: the slice's gradient from shared memory, in the logits row's split (the launcher
-  // guarantees grad rows have the same address modulo 16). Each element was read from global memory before
-  // it is written (the slice in pass 1; head and tail by the same thread just below), so grad may alias
-  // logits.
-  Bits* g_row = static_cast<Bits*>(a.grad) + row * a.grad_stride;
-  Raw* g_vec = reinterpret_cast<Raw*>(g_row + sp.head) + lo;
-
-  if (!valid) {  // exact zeros
-    const Raw zero = {};
-    for (int64_t i = tid; i < n_own; i += nthreads) __stcs(g_vec + i, zero);
-    if (has_head) g_row[tid] = 0;
-    if (has_tail) g_row[sp.tail_start + tid] = 0;
-    return;
-  }
-
-  const GradMath gm = grad_math(a, lse, y, inv_cap);
-  for (int64_t i = tid; i < n_own; i += nthreads) {
-    float x[VEC];
-    Acc::unpack(slice[i], x);
-    const long long first = sp.head + (lo + i) * VEC;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) x[k] = gm(x[k], first + k);
-    __stcs(g_vec + i, Acc::pack(x));
-  }
-  if (has_head) g_row[tid] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[tid]), tid));
-  if (has_tail) {
-    const int64_t j = sp.tail_start + tid;
-    g_row[j] = Elem<T>::from_float(gm(Elem<T>::to_float(x_row[j]), j));
-  }
-#else
-  // Clusters need sm_90; the host never launches this body (init_clusters checks the device and the PTX
-  // architecture the loaded kernel was built from).
-  __trap();
-#endif
-}
-
 // grad[r, :] *= factor[per_row ? r : 0], in place, in fp32 then rounded to T once.
 //   grad    [N, V] T, row stride `stride` elements, unit column stride
 //   factor  fp32 on the device: [1] (per_row == 0) or [N] (per_row != 0)
@@ -700,21 +526,6 @@ const void* row_kernel(int dtype, bool vec, bool acc) {
   }
 }
 
-template <typename T>
-const void* cluster_kernel_ptr(bool acc) {
-  constexpr int VEC = 16 / sizeof(T);
-  return acc ? reinterpret_cast<const void*>(&ce_cluster_kernel<T, VEC, true>)
-             : reinterpret_cast<const void*>(&ce_cluster_kernel<T, VEC, false>);
-}
-
-const void* cluster_kernel(int dtype, bool acc) {
-  switch (dtype) {
-    case kFloat32: return cluster_kernel_ptr<float>(acc);
-    case kBFloat16: return cluster_kernel_ptr<__nv_bfloat16>(acc);
-    default: return cluster_kernel_ptr<__half>(acc);
-  }
-}
-
 // Per-device launch facts, computed once per device (thread-safe) on the first call.
 struct DeviceState {
   cudaError_t error;
@@ -725,22 +536,8 @@ struct DeviceState {
   int64_t cache_bytes[2][3][2][3];
 };
 
-// Per-device facts of the cluster kernel, computed once per device on the first call that allows clusters
-// (so a device or driver problem there never affects the default path). Indexed by acc first, like
-// cluster_kernel(dtype, acc).
-struct ClusterState {
-  cudaError_t error;
-  bool available;             // the device launches thread-block clusters (sm_90+)
-  int64_t slice_budget[2][3];  // largest slice (bytes of dynamic shared memory) that lets 2 CTAs share an SM
-  // cudaOccupancyMaxActiveClusters of cluster_kernel(dtype, acc) with kClusterBlocks[b] threads, cluster size
-  // kClusterSizes[c] and a slice of slice_budget[acc][dtype] bytes; 0: that configuration cannot run.
-  int max_clusters[2][3][2][3];
-};
-
 DeviceState g_states[kMaxDevices];
 std::once_flag g_once[kMaxDevices];
-ClusterState g_cluster_states[kMaxDevices];
-std::once_flag g_cluster_once[kMaxDevices];
 
 #define PYSEQPACK_TRY(expr)                 \
   do {                                      \
@@ -800,106 +597,7 @@ cudaError_t device_state(const DeviceState** out) {
   return g_states[dev].error;
 }
 
-cudaError_t init_clusters(int dev, ClusterState& s) {
-  int cluster_launch = 0, optin = 0, per_sm = 0, reserved = 0;
-  PYSEQPACK_TRY(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, dev));
-  s.available = cluster_launch != 0;
-  if (!s.available) return cudaSuccess;
-  PYSEQPACK_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  PYSEQPACK_TRY(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
-  PYSEQPACK_TRY(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-  for (int acc = 0; acc < 2; ++acc) {
-    for (int dtype = 0; dtype < 3; ++dtype) {
-      const void* fn = cluster_kernel(dtype, acc != 0);
-      cudaFuncAttributes attr;
-      PYSEQPACK_TRY(cudaFuncGetAttributes(&attr, fn));
-      // A build without sm_90 code (PYSEQPACK_CUDA_ARCH without 90) runs this kernel JIT-compiled from older
-      // PTX, whose body is the __trap() stub: a launch would abort the CUDA context, so clusters stay off.
-      if (attr.ptxVersion < 90) {
-        s.available = false;
-        return cudaSuccess;
-      }
-      const int64_t static_smem = static_cast<int64_t>(attr.sharedSizeBytes);
-      // Two CTAs per SM: each gets half the SM less the per-CTA reserve and its static shared memory.
-      int64_t& slice_budget = s.slice_budget[acc][dtype];
-      slice_budget = std::min<int64_t>(std::max<int64_t>(0, optin - static_smem),
-                                       dynamic_share(per_sm, 2, reserved, static_smem));
-      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(slice_budget)));
-      PYSEQPACK_TRY(cudaFuncSetAttribute(fn, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         cudaSharedmemCarveoutMaxShared));
-      for (int b = 0; b < 2; ++b) {
-        for (int c = 0; c < 3; ++c) {
-          cudaLaunchAttribute dims;
-          dims.id = cudaLaunchAttributeClusterDimension;
-          dims.val.clusterDim.x = kClusterSizes[c];
-          dims.val.clusterDim.y = 1;
-          dims.val.clusterDim.z = 1;
-          cudaLaunchConfig_t cfg = {};
-          cfg.gridDim = dim3(kClusterSizes[c]);
-          cfg.blockDim = dim3(kClusterBlocks[b]);
-          cfg.dynamicSmemBytes = static_cast<size_t>(slice_budget);
-          cfg.attrs = &dims;
-          cfg.numAttrs = 1;
-          int n = 0;
-          // A configuration the device refuses (an error here) counts as one that cannot run; the error is
-          // cleared so that the launch does not report it later.
-          if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
-            n = 0;
-            (void)cudaGetLastError();
-          }
-          s.max_clusters[acc][dtype][b][c] = n;
-        }
-      }
-    }
-  }
-  return cudaSuccess;
-}
-
-cudaError_t cluster_state(const ClusterState** out) {
-  int dev = 0;
-  PYSEQPACK_TRY(cudaGetDevice(&dev));
-  if (dev < 0 || dev >= kMaxDevices) return cudaErrorInvalidDevice;
-  std::call_once(g_cluster_once[dev],
-                 [dev] { g_cluster_states[dev].error = init_clusters(dev, g_cluster_states[dev]); });
-  *out = &g_cluster_states[dev];
-  return g_cluster_states[dev].error;
-}
-
-// How ce_cluster_kernel runs one call: `size` CTAs per row (0: it does not apply), `block` threads each, a
-// slice of `smem` bytes.
-struct ClusterPlan {
-  int size;
-  int block;
-  int64_t smem;
-};
-
-// The smallest cluster size whose slice fits the 2-CTAs-per-SM budget (out->size = 0 when none does);
-// 256 threads per CTA when the slice leaves room for 3+ CTAs per SM, else 512.
-cudaError_t plan_cluster(const ClusterState& cs, int dtype, bool acc, int64_t N, int64_t V, ClusterPlan* out) {
-  *out = {0, 0, 0};
-  if (!cs.available) return cudaSuccess;
-  const int64_t vec = dtype == kFloat32 ? 4 : 8;
-  for (int c = 0; c < 3; ++c) {
-    const int64_t size = kClusterSizes[c];
-    // floor(V / vec) bounds the aligned vectors of every row (whatever its head), so ceil of it / size
-    // bounds every slice.
-    const int64_t smem = (V / vec + size - 1) / size * 16;
-    if (smem > cs.slice_budget[acc][dtype] || N * size > INT_MAX) continue;
-    // Asked of the runtime rather than computed: shared memory is allocated in granules, and bf16
-    // V = 151936 on H100 (3 slices of 75968 B + static + reserve = 233424 of 233472 B) sits on the edge.
-    int resident = 0;
-    PYSEQPACK_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, cluster_kernel(dtype, acc),
-                                                                kClusterBlocks[0], static_cast<size_t>(smem)));
-    const int b = resident >= 3 ? 0 : 1;
-    if (cs.max_clusters[acc][dtype][b][c] == 0) continue;
-    *out = {static_cast<int>(size), kClusterBlocks[b], smem};
-    return cudaSuccess;
-  }
-  return cudaSuccess;
-}
-
-// The ACC = true instantiation when a.correct is given, the loss-only one otherwise (both launchers).
+// The ACC = true instantiation when a.correct is given, the loss-only one otherwise.
 template <typename T, int VEC>
 void launch_rows(const CeArgs& a, int64_t N, int block, size_t smem, cudaStream_t stream) {
   if (a.correct != nullptr) {
@@ -907,25 +605,6 @@ void launch_rows(const CeArgs& a, int64_t N, int block, size_t smem, cudaStream_
   } else {
     ce_row_kernel<T, VEC, false><<<static_cast<unsigned>(N), block, smem, stream>>>(a);
   }
-}
-
-template <typename T>
-cudaError_t launch_cluster(const CeArgs& a, int64_t N, const ClusterPlan& p, cudaStream_t stream) {
-  cudaLaunchAttribute dims;
-  dims.id = cudaLaunchAttributeClusterDimension;
-  dims.val.clusterDim.x = p.size;
-  dims.val.clusterDim.y = 1;
-  dims.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(N * p.size));
-  cfg.blockDim = dim3(p.block);
-  cfg.dynamicSmemBytes = static_cast<size_t>(p.smem);
-  cfg.stream = stream;
-  cfg.attrs = &dims;
-  cfg.numAttrs = 1;
-  constexpr int VEC = 16 / sizeof(T);
-  return a.correct != nullptr ? cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, VEC, true>, a)
-                              : cudaLaunchKernelEx(&cfg, ce_cluster_kernel<T, VEC, false>, a);
 }
 
 template <typename T>
@@ -948,19 +627,15 @@ void launch_scale(void* grad, int64_t N, int64_t V, int64_t stride, const float*
 //   grad_scale        [1] float32 device pointer, required when grad != NULL: grad = grad_scale * dloss/dlogits
 //   ignore_index      label value that counts for nothing (labels outside [0, V) are treated the same way)
 //   label_smoothing   eps in [0, 1];  z_loss: z >= 0;  softcap: c > 0 enables x <- c tanh(x / c), <= 0 off
-//   cluster_mode      0: always ce_row_kernel; 1: ce_cluster_kernel where it applies (see the file comment)
 //   stream            cudaStream_t (NULL: legacy default stream)
 // Returns a cudaError_t as int: cudaErrorInvalidValue for bad arguments (dtype code, N < 0 or N > 2^31 - 1,
-// V < 0, cluster_mode not 0 or 1, a NULL pointer that is needed), else the launch's error or
-// cudaGetLastError() after it.
+// V < 0, a NULL pointer that is needed), else cudaGetLastError() after the launch.
 PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N, int64_t V, int64_t logits_row_stride,
                                        const void* labels, int labels_is_int32, float* loss, float* lse,
                                        int32_t* correct, void* grad, int64_t grad_row_stride, const float* grad_scale,
                                        int64_t ignore_index, float label_smoothing, float z_loss, float softcap,
-                                       int cluster_mode, void* stream) {
-  if (dtype < kFloat32 || dtype > kFloat16 || N < 0 || N > INT_MAX || V < 0 ||
-      (cluster_mode != 0 && cluster_mode != 1))
-    return cudaErrorInvalidValue;
+                                       void* stream) {
+  if (dtype < kFloat32 || dtype > kFloat16 || N < 0 || N > INT_MAX || V < 0) return cudaErrorInvalidValue;
   if (N == 0) return cudaSuccess;
   if (logits == nullptr || labels == nullptr || loss == nullptr || lse == nullptr ||
       (grad != nullptr && grad_scale == nullptr))
@@ -999,33 +674,11 @@ PYSEQPACK_API int pyseqpack_ce_fwd_bwd(const void* logits, int dtype, int64_t N,
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (grad != nullptr) {
     // Cache as many accesses of the row as the per-CTA share of shared memory holds: with the whole row
-    // cached (V <= ~115k bf16 on H100) the logits are read from DRAM exactly once.
+    // cached (V <= ~115k bf16 on sm_90) the logits are read from DRAM exactly once.
     const int64_t access_bytes = vec ? 16 : elem;
     const int64_t accesses = (V + per_access - 1) / per_access;
     a.ncache = std::min(accesses, ds->cache_bytes[acc][dtype][vec ? 1 : 0][b] / access_bytes);
     smem = static_cast<size_t>(a.ncache * access_bytes);
-    if (cluster_mode == 1 && vec && a.ncache < accesses) {
-      // The row does not fit one CTA: split it over a cluster, if the device has clusters and a slice fits.
-      // A failure of the cluster setup or plan (a query the runtime refuses) is not the caller's: this call
-      // then runs ce_row_kernel below, and the error is cleared so that the launch does not report it.
-      const ClusterState* cs = nullptr;
-      ClusterPlan p = {0, 0, 0};
-      if (cluster_state(&cs) != cudaSuccess || plan_cluster(*cs, dtype, acc, N, V, &p) != cudaSuccess) {
-        p.size = 0;
-        (void)cudaGetLastError();
-      }
-      if (p.size != 0) {
-        cudaError_t err;
-        switch (dtype) {
-          case kFloat32: err = launch_cluster<float>(a, N, p, s); break;
-          case kBFloat16: err = launch_cluster<__nv_bfloat16>(a, N, p, s); break;
-          default: err = launch_cluster<__half>(a, N, p, s); break;
-        }
-        // cudaGetLastError() also clears a launch error, so that a later call does not report it again.
-        const cudaError_t last = cudaGetLastError();
-        return err != cudaSuccess ? err : last;
-      }
-    }
   }
   const int block = kBlockSizes[b];
   switch (dtype) {

@@ -5,22 +5,15 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <thread>
-
 // csrc/pad_shift_mask_cpu.cpp
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* numpy_rows_fast(PyObject*, PyObject*);
 
-static PyObject* hardware_threads(PyObject*, PyObject*) {
-  return PyLong_FromLong(static_cast<long>(std::thread::hardware_concurrency()));
-}
-
 #define PSM_FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)), METH_FASTCALL
 
 static PyMethodDef kMethods[] = {
-    {"hardware_threads", hardware_threads, METH_NOARGS, "std::thread::hardware_concurrency()"},
     {"psm_row_lengths", PSM_FASTCALL(psm_row_lengths),
      "psm_row_lengths(rows, name) -> (row lengths, other, longest, shortest, opened rows) (pad_shift_mask)"},
     {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},

@@ -30,9 +30,10 @@ ex2.approx), one max-reduction, one sum-reduction and one min-reduction (the arg
 the min-reduction (and an index compare-select per element) only; ``fwd_bwd(..., correct=None)`` compiles the
 kernel without it (HAS_ACC=False), for callers that need no accuracy (the ``cross_entropy`` drop-in).
 
-The contract (shared with the CUDA backend, ``pyseqpack.cross_entropy_cuda``) is documented on ``fwd_bwd`` and
-``scale_grad_``. The kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
-They use only long-stable ``tl`` APIs (Triton 3.6 on the GPU machine, 3.9 here).
+The contract (shared with the CUDA backend, ``pyseqpack.cross_entropy.cuda``, and the reference,
+``pyseqpack.cross_entropy.reference``) is documented on ``fwd_bwd`` and ``scale_grad_``; the math is
+docs/semantics.md, "Cross-entropy, as pyseqpack defines it". The kernels run on CUDA tensors, and on CPU tensors
+under ``TRITON_INTERPRET=1`` (tests). They use only long-stable ``tl`` APIs.
 """
 from __future__ import annotations
 
@@ -219,10 +220,10 @@ def fwd_bwd_config(V: int) -> tuple:
         BLOCK  4096,  8 warps:                    80-110 regs, no stack
     16 columns per thread is the most that stays in registers. Between the two spill-free settings the L2
     decides: sweep 2 re-reads the row sweep 1 just read, and that re-read is only cheap while every row in
-    flight stays in L2 (50 MB on H100). (8192, 16) uses 512 threads x ~100 registers, so one program per SM:
-    132 rows x 300 KB (bf16, V = 151936) = 40 MB in flight, which fits; (4096, 8) would fit two per SM and
-    double that. Each thread issues two 16-byte bf16 loads per chunk. Smaller V: one chunk covering the row,
-    fewer warps. To be re-measured on the GPU (bench/).
+    flight stays in L2 (50 MB on an sm_90 part with 132 SMs). (8192, 16) uses 512 threads x ~100 registers, so
+    one program per SM: 132 rows x 300 KB (bf16, V = 151936) = 40 MB in flight, which fits; (4096, 8) would fit
+    two per SM and double that. Each thread issues two 16-byte bf16 loads per chunk. Smaller V: one chunk
+    covering the row, fewer warps.
     """
     block = min(8192, triton.next_power_of_2(max(int(V), 16)))
     return block, max(4, min(16, block // 512))

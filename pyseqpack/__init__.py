@@ -60,7 +60,7 @@ else:
         "DataCollatorForLanguageModeling": "collators",
         "DataCollatorForTokenClassification": "collators",
         "DataCollatorForSFT": "collators",
-        # fused cross-entropy (pyseqpack/cross_entropy.py; kernels in kernels/cross_entropy.py, csrc/cross_entropy.cu)
+        # fused cross-entropy (pyseqpack/cross_entropy/; kernels in kernels/cross_entropy.py, csrc/cross_entropy.cu)
         "fused_cross_entropy": "cross_entropy",
         "CrossEntropyOutput": "cross_entropy",
         "cross_entropy": "cross_entropy",

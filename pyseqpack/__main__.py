@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import platform
 import sys
 
@@ -51,8 +50,6 @@ def env_report() -> str:
         dev = torch.device("cpu")
         lines.append(f"device: cpu ({torch.get_num_threads()} torch threads), no CUDA device")
     lines.append(f"TRITON_INTERPRET: {'on' if _native.triton_interpret() else 'off'}")
-    clusters = os.environ.get("PYSEQPACK_CE_CLUSTERS", "0") == "1"
-    lines.append(f"PYSEQPACK_CE_CLUSTERS: {'on' if clusters else 'off'} (CUDA cross-entropy cluster kernel, opt-in)")
     lines.append(f"usable backends on {dev.type}: {', '.join(_native.available_backends(dev))}")
     if dev.type == "cuda":
         lines.append(f"usable backends on cpu: {', '.join(_native.available_backends('cpu'))}")

@@ -29,8 +29,9 @@ from pyseqpack.cross_entropy import CrossEntropyOutput, fused_cross_entropy
 
 from devices import TRITON_DEVICE, device_for
 
-# the module (``pyseqpack.cross_entropy`` the attribute is the drop-in function)
+# the package (``pyseqpack.cross_entropy`` the attribute is the drop-in function) and its torch backend
 ce_mod = importlib.import_module("pyseqpack.cross_entropy")
+reference_mod = importlib.import_module("pyseqpack.cross_entropy.reference")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BACKENDS = [
@@ -276,7 +277,7 @@ def test_forward_only(backend):
 def test_torch_backend_chunks(monkeypatch):
     """The torch backend works in chunks of rows: a chunk size of 3 rows gives the same results."""
     logits, labels = make_inputs((5, 4), 97, torch.float32, "cpu")
-    monkeypatch.setattr(ce_mod, "TORCH_CHUNK_BYTES", 3 * 97 * 4)
+    monkeypatch.setattr(reference_mod, "CHUNK_BYTES", 3 * 97 * 4)
     check(*run_both(logits, labels, "torch", label_smoothing=0.1, softcap=3.0), torch.float32)
 
 
@@ -413,7 +414,7 @@ def test_may_overlap(shape, strides, overlaps):
 
 
 def _contract_module(backend):
-    return ce_mod._backend_module(backend, device_for(backend))
+    return ce_mod.DISPATCH.launcher(backend, device_for(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -549,8 +550,9 @@ def test_op_with_accuracy_false(inplace, backend):
                 x, labels, scale, None, *args, with_accuracy, backend)
             grad = x
         else:
-            loss, lse, correct, grad = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-                x, labels, scale, None, None, *args, True, with_accuracy, backend)
+            grad = torch.full_like(x, float("nan"))
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+                x, labels, scale, None, None, grad, *args, with_accuracy, backend)
         outs.append((loss, lse, grad, correct))
     (loss_a, lse_a, grad_a, correct_a), (loss_b, lse_b, grad_b, correct_b) = outs
     assert correct_a.shape == (12,) and int(correct_a.sum()) > 0
@@ -586,22 +588,37 @@ def test_contract_scale_grad(dtype, backend):
 
 
 def test_auto_uses_torch_on_cpu():
-    assert ce_mod._candidates("auto", torch.device("cpu")) == ["torch"]
-    cands = ce_mod._candidates("auto", torch.device("cuda"))
-    assert cands[-1] == "torch" and ("triton" in cands) == _native.triton_available(torch.device("cuda"))
+    assert ce_mod.DISPATCH.select("auto", torch.device("cpu"))[0] == "torch"
+    names = [name for name, _ in ce_mod.DISPATCH.candidates("auto", torch.device("cuda"))]
+    assert names[-1] == "torch" and ("triton" in names) == _native.triton_available(torch.device("cuda"))
+    assert ("cuda" in names) == _native.cuda_built()
+
+
+def test_launchers_share_one_signature():
+    """Every backend's launcher module exposes fwd_bwd / scale_grad_ with the same parameters (the reference adds
+    class_weight, which only it implements)."""
+    import inspect
+
+    cuda_launcher = importlib.import_module("pyseqpack.cross_entropy.cuda")
+    triton_launcher = importlib.import_module("pyseqpack.cross_entropy.triton")
+
+    for name in ("fwd_bwd", "scale_grad_"):
+        expected = list(inspect.signature(getattr(cuda_launcher, name)).parameters)
+        assert list(inspect.signature(getattr(triton_launcher, name)).parameters) == expected
+        ref = list(inspect.signature(getattr(reference_mod, name)).parameters)
+        assert ref[:len(expected)] == expected and ref[len(expected):] in ([], ["class_weight"])
 
 
 def test_auto_falls_back_on_launch_error(monkeypatch):
     """A backend that fails at launch (e.g. no C compiler for Triton) makes "auto" warn and use the next one."""
-    import pyseqpack.kernels.cross_entropy as tri
+    triton_launcher = importlib.import_module("pyseqpack.cross_entropy.triton")
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated launch failure")
 
-    monkeypatch.setattr(tri, "fwd_bwd", broken)
-    monkeypatch.setattr(ce_mod, "_candidates", lambda backend, device: ["triton", "torch"] if backend == "auto"
-                        else [backend])
-    ce_mod._warn_fallback.cache_clear()
+    monkeypatch.setattr(triton_launcher, "fwd_bwd", broken)
+    # a dispatcher that prefers triton on every device, so that the fallback is reached on this machine too
+    monkeypatch.setattr(ce_mod, "DISPATCH", ce_mod._dispatcher({"cpu": ("triton",), "cuda": ("triton",)}))
     logits, labels = make_inputs((2, 3), 17, torch.float32, TRITON_DEVICE)
     with pytest.warns(RuntimeWarning, match="simulated launch failure"):
         out = fused_cross_entropy(logits, labels)
@@ -699,3 +716,26 @@ def test_public_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # importing the module registers the ops without warnings
         assert torch.ops.pyseqpack.cross_entropy_fwd_bwd.default is not None
+
+
+def test_op_refuses_a_gradient_buffer_it_cannot_fill():
+    """cross_entropy_fwd_bwd writes the gradient into `grad`: it must be a contiguous tensor shaped like the
+    logits, with their dtype, and not the logits' own memory (that is the in-place op)."""
+    logits, labels = make_inputs((4,), 9, torch.float32, "cpu")
+    scale = torch.ones(1)
+    args = (-100, 0.0, 0.0, 0.0, True, "torch")
+    for grad in (torch.empty(4, 10), torch.empty(4, 9, dtype=torch.bfloat16), torch.empty(9, 4).t()):
+        with pytest.raises(ValueError, match="grad must be a contiguous torch.float32 tensor of the logits' shape"):
+            torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, grad, *args)
+    with pytest.raises(ValueError, match="grad shares memory with logits"):
+        torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, scale, None, None, logits, *args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_rows(backend):
+    """[0, V] logits: no token, loss 0 and an empty gradient, as the reference gives."""
+    logits = torch.zeros(0, 7, device=device_for(backend))
+    labels = torch.zeros(0, dtype=torch.int64, device=logits.device)
+    out, grad, ref, ref_grad = run_both(logits, labels, backend)
+    assert grad.shape == (0, 7) and int(out.num_tokens) == 0
+    check(out, grad, ref, ref_grad, torch.float32)

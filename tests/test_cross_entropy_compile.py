@@ -20,43 +20,72 @@ OPS = torch.ops.pyseqpack  # registered by importing pyseqpack.cross_entropy
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-def _args(backend, requires_grad, compute_grad, with_accuracy=True, n=5, v=11):
+OPCHECKS = {"test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"}
+
+
+def _opcheck(op, args):
+    """Every opcheck test, each of which must succeed."""
+    result = torch.library.opcheck(op, args)  # default test_utils: all four
+    assert set(result) == OPCHECKS and all(v == "SUCCESS" for v in result.values()), result
+
+
+def _inputs(backend, shape=(5,), v=11, label_dtype=torch.int64):
     gen = torch.Generator().manual_seed(0)
     dev = device_for(backend)
-    logits = torch.randn(n, v, generator=gen).to(dev).requires_grad_(requires_grad)
-    labels = torch.randint(0, v, (n,), generator=gen).to(dev)
-    labels[2] = -100
-    scale = torch.tensor([0.25], device=dev)
-    return (logits, labels, scale, None, None, -100, 0.1, 1e-2, 3.0, compute_grad, with_accuracy, backend)
+    logits = torch.randn(*shape, v, generator=gen).to(dev)
+    labels = torch.randint(0, v, shape, generator=gen).to(dev, label_dtype)
+    labels.view(-1)[2] = -100
+    return logits, labels, torch.tensor([0.25], device=dev)
+
+
+# The ops are kernels: they write the tensors their schema declares mutated and have no autograd formula of
+# their own (their autograd is the autograd.Function _CrossEntropyFunction, because the gradient buffer that
+# backward scales in place cannot be an op output). Their inputs therefore do not require grad here;
+# autograd through them, eager and compiled, is what the torch.compile tests below check.
+
+# (shape, label dtype, gradient buffer, row_weight, class_weight, smoothing, z, softcap)
+FWD_BWD_CASES = {
+    "forward_only": ((5,), torch.int64, False, False, False, 0.1, 1e-2, 3.0),
+    "grad": ((5,), torch.int64, True, False, False, 0.1, 1e-2, 3.0),
+    "grad_plain_3d_int32": ((2, 3), torch.int32, True, False, False, 0.0, 0.0, 0.0),
+    "grad_row_weight": ((5,), torch.int64, True, True, False, 0.0, 0.0, 0.0),
+    "grad_class_weight_smoothing": ((5,), torch.int64, True, False, True, 0.2, 0.0, 0.0),
+}
 
 
 @pytest.mark.parametrize("with_accuracy", [True, False], ids=["accuracy", "loss_only"])
+@pytest.mark.parametrize("case", list(FWD_BWD_CASES))
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_fwd_bwd(backend, with_accuracy):
-    # forward only: every check, AOT dispatch included
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, False, False, with_accuracy))
-    # with the gradient and autograd. test_aot_dispatch_dynamic is left out here on purpose: it returns every op
-    # output to the caller, including the saved gradient that backward then scales in place, a combination
-    # AOTAutograd cannot partition. pyseqpack never exposes that output; the real fwd+bwd under AOTAutograd is
-    # covered by the torch.compile tests below.
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default, _args(backend, True, True, with_accuracy),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+def test_opcheck_fwd_bwd(backend, case, with_accuracy):
+    shape, label_dtype, grad, row_weight, class_weight, eps, z, cap = FWD_BWD_CASES[case]
+    if backend == "triton" and class_weight:
+        pytest.skip("class weights always run on the reference")
+    logits, labels, scale = _inputs(backend, shape, label_dtype=label_dtype)
+    rw = torch.rand(shape, device=logits.device) if row_weight else None
+    cw = torch.rand(logits.shape[-1], device=logits.device) if class_weight else None
+    buffer = torch.empty_like(logits) if grad else None
+    _opcheck(OPS.cross_entropy_fwd_bwd.default,
+             (logits, labels, scale, rw, cw, buffer, -100, eps, z, cap, with_accuracy, backend))
 
 
 @pytest.mark.parametrize("with_accuracy", [True, False], ids=["accuracy", "loss_only"])
+@pytest.mark.parametrize("shape,options", [((5,), (0.1, 1e-2, 3.0)), ((2, 3), (0.0, 0.0, 0.0))], ids=["1d", "2d"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_inplace_and_scale(backend, with_accuracy):
-    logits, labels, scale, *_ = _args(backend, False, True)
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd_inplace.default,
-                          (logits, labels, scale, None, -100, 0.1, 1e-2, 3.0, with_accuracy, backend))
+def test_opcheck_inplace(backend, shape, options, with_accuracy):
+    logits, labels, scale = _inputs(backend, shape)
+    rw = torch.rand(shape, device=logits.device) if shape == (5,) else None
+    _opcheck(OPS.cross_entropy_fwd_bwd_inplace.default,
+             (logits, labels, scale, rw, -100, *options, with_accuracy, backend))
+
+
+@pytest.mark.parametrize("grad_shape,factor_shape", [((5, 11), (5,)), ((2, 3, 11), (1,)), ((2, 3, 11), (2, 3)),
+                                                     ((11,), ())])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_scale_grad(backend, dtype, grad_shape, factor_shape):
     dev = device_for(backend)
-    row_weight = torch.rand(5, device=dev)
-    torch.library.opcheck(OPS.cross_entropy_fwd_bwd.default,
-                          (logits, labels, scale, row_weight, None, -100, 0.0, 0.0, 0.0, False, with_accuracy,
-                           backend))
-    for grad_shape, scale_shape in (((5, 11), (5,)), ((2, 3, 11), (1,))):
-        torch.library.opcheck(OPS.cross_entropy_scale_grad_.default,
-                              (torch.randn(grad_shape, device=dev), torch.randn(scale_shape, device=dev), backend))
+    _opcheck(OPS.cross_entropy_scale_grad_.default,
+             (torch.randn(grad_shape, device=dev).to(dtype), torch.randn(factor_shape, device=dev), backend))
 
 
 def _model(seed=0, v=29, device="cpu"):

@@ -1,4 +1,4 @@
-"""The CUDA cross-entropy backend (csrc/cross_entropy.cu via pyseqpack.cross_entropy_cuda) against plain torch.
+"""The CUDA cross-entropy backend (csrc/cross_entropy.cu via pyseqpack.cross_entropy.cuda) against plain torch.
 
 The reference is fp32 torch on the same (dtype-rounded) logits: F.cross_entropy per row (with torch's own
 label smoothing and ignore_index) plus z * lse^2, the gradient by autograd, accuracy by torch.argmax. The
@@ -11,12 +11,11 @@ turns into RuntimeError, and the launcher refuses CPU tensors before touching an
 
 Shapes are chosen for the code paths they reach: V = 1 and 7 (no full 16-byte vector), 4099 (rows not
 16-byte aligned: scalar head and tail around the vectors), 32000 (a whole bf16 row cached in shared memory),
-151936 (Qwen vocabulary) and 256000 (Gemma): with the one-CTA-per-row kernel the row is only partly cached
-and the rest re-read in pass 2; with clusters (cross_entropy_cuda.USE_CLUSTERS, the `clusters` parameter) 4
-or 8 CTAs share the row on sm_90 (fp32 V = 256000 does not fit even 8 and falls back); N = 1, 3, 29.
-correct=None selects the loss-only instantiations of both kernels (no argmax): same loss, lse and grad bits.
+151936 (Qwen vocabulary) and 256000 (Gemma): the row is only partly cached and the rest re-read in pass 2;
+N = 1, 3, 29. correct=None selects the loss-only instantiation of the kernel (no argmax): same loss, lse and
+grad bits.
 """
-import ctypes
+import importlib
 
 import pytest
 import torch
@@ -47,16 +46,8 @@ GRAD_ATOL_FLOOR = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 2.0**
 
 
 def _ce():
-    from pyseqpack import cross_entropy_cuda
-
-    return cross_entropy_cuda
-
-
-@pytest.fixture
-def clusters(request, monkeypatch):
-    """cross_entropy_cuda.USE_CLUSTERS for the test, from an indirect parameter (False / True)."""
-    monkeypatch.setattr(_ce(), "USE_CLUSTERS", request.param)
-    return request.param
+    # importlib: the attribute pyseqpack.cross_entropy is the drop-in function, not the package
+    return importlib.import_module("pyseqpack.cross_entropy.cuda")
 
 
 def reference(logits, labels, *, ignore_index=-100, eps=0.0, z=0.0, softcap=0.0, scale=1.0):
@@ -128,23 +119,19 @@ def test_c_entry_points_reject_bad_arguments_and_launcher_raises():
     lib = ce._lib()
     invalid = 1  # cudaErrorInvalidValue
 
-    def fwd_bwd(dtype, n, cluster_mode=0):
+    def fwd_bwd(dtype, n):
         return lib.pyseqpack_ce_fwd_bwd(None, dtype, n, 8, 8, None, 0, None, None, None, None, 0, None, -100,
-                                        0.0, 0.0, 0.0, cluster_mode, None)
+                                        0.0, 0.0, 0.0, None)
 
-    # Bad dtype code, negative N, a cluster_mode other than 0 / 1 and missing pointers are refused before any
-    # CUDA call (so no GPU is needed).
+    # Bad dtype code, negative N and missing pointers are refused before any CUDA call (so no GPU is needed).
     assert fwd_bwd(7, 1) == invalid
     assert fwd_bwd(1, -1) == invalid
+    assert fwd_bwd(7, 0) == invalid  # refused even where N == 0 would succeed
     assert fwd_bwd(1, 2) == invalid
-    assert fwd_bwd(1, 2, cluster_mode=1) == invalid
-    for mode in (2, -1):
-        assert fwd_bwd(1, 0, cluster_mode=mode) == invalid  # refused even where N == 0 would succeed
     assert lib.pyseqpack_ce_scale_grad(None, 1, 2, 8, 8, None, 0, None) == invalid
     assert lib.pyseqpack_ce_scale_grad(None, 3, 2, 8, 8, None, 0, None) == invalid
-    # N == 0 is a no-op success, with or without clusters.
+    # N == 0 is a no-op success.
     assert fwd_bwd(1, 0) == 0
-    assert fwd_bwd(1, 0, cluster_mode=1) == 0
     with pytest.raises(RuntimeError, match="pyseqpack_ce_fwd_bwd failed with CUDA error 1: invalid argument"):
         ce._check_return(invalid, "pyseqpack_ce_fwd_bwd")
 
@@ -174,13 +161,11 @@ OPTIONS = {
 
 @needs_gpu
 @pytest.mark.parametrize("option", list(OPTIONS))
-@pytest.mark.parametrize("n,v,clusters", [(1, 7, False), (3, 4099, False), (29, 32000, False), (3, 151936, False),
-                                          (3, 151936, True), (3, 256000, False), (3, 256000, True)],
-                         indirect=["clusters"])
+@pytest.mark.parametrize("n,v", [(1, 7), (3, 4099), (29, 32000), (3, 151936), (3, 256000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 # int64 labels with the sum gradient; int32 labels with a mean-style scale (1 / number of valid tokens).
 @pytest.mark.parametrize("label_dtype,scale", [(torch.int64, 1.0), (torch.int32, 1 / 37)])
-def test_fwd_bwd_matches_torch(dtype, n, v, clusters, option, label_dtype, scale):
+def test_fwd_bwd_matches_torch(dtype, n, v, option, label_dtype, scale):
     opts = OPTIONS[option]
     logits, labels = make_case(n, v, dtype, label_dtype)
     before = logits.clone()
@@ -193,29 +178,24 @@ def test_fwd_bwd_matches_torch(dtype, n, v, clusters, option, label_dtype, scale
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v,clusters", [(1, False), (7, False), (4099, False), (151936, False), (151936, True)],
-                         indirect=["clusters"])
-def test_forward_only_equals_forward_of_fwd_bwd(dtype, v, clusters):
+@pytest.mark.parametrize("v", [1, 7, 4099, 151936])
+def test_forward_only_equals_forward_of_fwd_bwd(dtype, v):
     logits, labels = make_case(3, v, dtype)
     with_grad = run(logits, labels, eps=0.1)
-    fwd = run(logits, labels, grad=None, eps=0.1)  # never the cluster kernel
+    fwd = run(logits, labels, grad=None, eps=0.1)
     assert fwd[3] is None
     assert torch.equal(with_grad[2], fwd[2])
     for a, b in zip(with_grad[:2], fwd[:2]):
-        if clusters:  # the same sums in another order (per slice, then across slices): fp32 rounding apart
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        else:  # the same kernel with and without a gradient: bit for bit
-            assert torch.equal(a, b)
+        assert torch.equal(a, b)  # the same kernel with and without a gradient: bit for bit
     assert_matches(fwd, reference(logits, labels, eps=0.1), dtype, v)
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grad", ["new", None, "inplace"])
-@pytest.mark.parametrize("v,clusters", [(7, False), (4099, False), (32000, False), (151936, False), (151936, True),
-                                        (256000, True)], indirect=["clusters"])
-def test_loss_only_same_bits_as_with_accuracy(dtype, grad, v, clusters):
-    # correct=None runs the ACC = false instantiation of the same kernel (row or cluster): the argmax is gone,
+@pytest.mark.parametrize("v", [7, 4099, 32000, 151936, 256000])
+def test_loss_only_same_bits_as_with_accuracy(dtype, grad, v):
+    # correct=None runs the ACC = false instantiation of the same kernel: the argmax is gone,
     # the sums and the gradient are computed the same way, so loss, lse and grad are bit for bit the same.
     logits, labels = make_case(3 if v > 100000 else 29, v, dtype)
     opts = dict(eps=0.1, z=1e-4, softcap=25.0, scale=0.5)
@@ -231,12 +211,11 @@ def test_loss_only_same_bits_as_with_accuracy(dtype, grad, v, clusters):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3])
 @pytest.mark.parametrize("grad_layout", ["same_strides", "contiguous", "inplace"])
-@pytest.mark.parametrize("v,clusters", [(5000, False), (151936, False), (151936, True)], indirect=["clusters"])
-def test_strided_rows(dtype, offset, grad_layout, v, clusters):
+@pytest.mark.parametrize("v", [5000, 151936])
+def test_strided_rows(dtype, offset, grad_layout, v):
     # Rows of V inside [N, V + 13]: row starts drift modulo 16 bytes, and the view starts `offset` elements
-    # into the buffer. A grad with the same strides takes the vector path with per-row heads (with clusters
-    # at V = 151936: rank 0 owns the head, the last rank the tail); a contiguous grad has other alignments and
-    # takes the one-element path of the row kernel; in-place writes into the view.
+    # into the buffer. A grad with the same strides takes the vector path with per-row heads; a contiguous
+    # grad has other alignments and takes the one-element path of the kernel; in-place writes into the view.
     n = 29
     buf = (torch.randn(n, v + 13, device="cuda") * 3).to(dtype)
     logits = buf[:, offset:offset + v]
@@ -265,9 +244,8 @@ def test_strided_rows(dtype, offset, grad_layout, v, clusters):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v,clusters", [(7, False), (4099, False), (151936, False), (151936, True)],
-                         indirect=["clusters"])
-def test_grad_in_place(dtype, v, clusters):
+@pytest.mark.parametrize("v", [7, 4099, 151936])
+def test_grad_in_place(dtype, v):
     logits, labels = make_case(29 if v < 100000 else 3, v, dtype)
     ref = reference(logits, labels, softcap=20.0, eps=0.1, scale=0.5)
     out = run(logits, labels, grad="inplace", softcap=20.0, eps=0.1, scale=0.5)
@@ -277,9 +255,8 @@ def test_grad_in_place(dtype, v, clusters):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v,clusters", [(8, False), (4099, False), (151936, False), (151936, True)],
-                         indirect=["clusters"])
-def test_argmax_ties_go_to_the_first_index(dtype, v, clusters):
+@pytest.mark.parametrize("v", [8, 4099, 151936])
+def test_argmax_ties_go_to_the_first_index(dtype, v):
     # Small integers: every row has several positions holding its max. Labels point at the first max, at a
     # later max, or elsewhere; one row is constant (argmax 0) and one has its max at the very last column.
     n = 12
@@ -302,13 +279,11 @@ def test_argmax_ties_go_to_the_first_index(dtype, v, clusters):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1])
-@pytest.mark.parametrize("clusters", [False, True], indirect=True)
-def test_argmax_ties_across_slices(dtype, offset, clusters):
-    # Equal maxima far apart in a V = 151936 row: with clusters (4 slices of a 2-byte row, 8 of an fp32 row)
-    # the first one is in rank 0's slice (or its scalar head), the later ones in a middle slice, the last
-    # slice or the scalar tail, so the slices' argmaxes disagree and the merge must keep the first index
-    # whichever CTA found it. Rows sit in [N, V + 1] from `offset`, so their heads and tails vary, and grad
-    # has the same strides (the vector path, which clusters need).
+def test_argmax_ties_far_apart(dtype, offset):
+    # Equal maxima far apart in a V = 151936 row: in the scalar head, in the cached part, in the uncached
+    # rest and in the scalar tail, found by different threads, so the merge must keep the first index
+    # whichever thread found it. Rows sit in [N, V + 1] from `offset`, so their heads and tails vary, and grad
+    # has the same strides (the vector path).
     n, v = 6, 151936
     buf = torch.randint(-3, 3, (n, v + 1), device="cuda").to(dtype)
     logits = buf[:, offset:offset + v]
@@ -325,8 +300,8 @@ def test_argmax_ties_across_slices(dtype, offset, clusters):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("v,clusters", [(4099, False), (151936, False), (151936, True)], indirect=["clusters"])
-def test_all_ignored_and_out_of_range_labels(dtype, v, clusters):
+@pytest.mark.parametrize("v", [4099, 151936])
+def test_all_ignored_and_out_of_range_labels(dtype, v):
     logits = (torch.randn(6, v, device="cuda") * 3).to(dtype)
     for labels in (torch.full((6,), -100, device="cuda"),
                    torch.tensor([v, v + 1000, -1, -7, 2**40, -(2**40)], device="cuda")):
@@ -377,8 +352,8 @@ def test_many_rows_and_nondefault_stream():
 
 
 @needs_gpu
-@pytest.mark.parametrize("v,clusters", [(4099, False), (151936, False), (151936, True)], indirect=["clusters"])
-def test_cuda_graph_capture_reads_scales_on_the_device(v, clusters):
+@pytest.mark.parametrize("v", [4099, 151936])
+def test_cuda_graph_capture_reads_scales_on_the_device(v):
     ce = _ce()
     n = 29
     logits, labels = make_case(n, v, torch.bfloat16, seed=4)
@@ -416,28 +391,24 @@ def test_cuda_graph_capture_reads_scales_on_the_device(v, clusters):
 
 @needs_gpu
 @pytest.mark.parametrize("accuracy", [True, False], ids=["accuracy", "loss_only"])
-@pytest.mark.parametrize("clusters,dtype,v,grad,kernel", [
-    (False, torch.bfloat16, 151936, "new", "ce_row_kernel"),
-    (True, torch.bfloat16, 151936, "new", "ce_cluster_kernel"),    # C = 4
-    (True, torch.float32, 151936, "new", "ce_cluster_kernel"),     # C = 8
-    (True, torch.bfloat16, 256000, "inplace", "ce_cluster_kernel"),  # C = 8
-    (True, torch.bfloat16, 151936, None, "ce_row_kernel"),         # forward only: one read, nothing cached
-    (True, torch.bfloat16, 32000, "new", "ce_row_kernel"),         # the whole row fits one CTA
-    (True, torch.float32, 256000, "new", "ce_row_kernel"),         # 1 MB rows: 8 slices do not fit 2 per SM
-], indirect=["clusters"])
-def test_kernel_selection_on_sm90(clusters, dtype, v, grad, kernel, accuracy):
-    # Which kernel runs, from the profiler's kernel names. The sizes assume sm_90 (H100 / H200: 228 KB of
-    # shared memory per SM, 227 KB per CTA); other GPUs have other limits. Loss only selects the same kernel,
-    # in its ACC = false instantiation (the last template argument: "false" demangled, "Lb0E" mangled).
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the expected selection is that of sm_90 (228 KB of shared memory per SM)")
+@pytest.mark.parametrize("dtype,v,grad", [
+    (torch.bfloat16, 151936, "new"),
+    (torch.bfloat16, 256000, "inplace"),
+    (torch.bfloat16, 151936, None),  # forward only: one read, nothing cached
+    (torch.bfloat16, 32000, "new"),  # the whole row fits the CTA's shared memory
+    (torch.float32, 256000, "new"),
+])
+def test_one_row_kernel_launch_per_call(dtype, v, grad, accuracy):
+    # One launch of ce_row_kernel, from the profiler's kernel names, in the instantiation that matches the
+    # accuracy request: loss only is the ACC = false one (the last template argument: "false" demangled,
+    # "Lb0E" mangled).
     logits, labels = make_case(3, v, dtype)
     run(logits.clone(), labels, grad=grad, accuracy=accuracy)  # first call: per-device setup
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run(logits, labels, grad=grad, accuracy=accuracy)
         torch.cuda.synchronize()
-    names = [e.key for e in prof.key_averages() if "ce_row_kernel" in e.key or "ce_cluster_kernel" in e.key]
-    assert len(names) == 1 and kernel in names[0], names
+    names = [e.key for e in prof.key_averages() if "ce_row_kernel" in e.key]
+    assert len(names) == 1, names
     acc_arg = ("true>", "Lb1E") if accuracy else ("false>", "Lb0E")
     assert any(a in names[0] for a in acc_arg), names
 

@@ -36,8 +36,9 @@ ROUNDING = {torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}
 @pytest.fixture(params=["torch", "triton"])
 def auto_backend(request, monkeypatch):
     """Make backend="auto" (what the drop-ins use) resolve to the given backend; inputs go on its test device."""
-    monkeypatch.setattr(ce_mod, "_candidates", lambda backend, device: [request.param] if backend == "auto"
-                        else [backend])
+    auto = {} if request.param == "torch" else {"cpu": (request.param,), "cuda": (request.param,)}
+    monkeypatch.setattr(ce_mod, "DISPATCH", ce_mod._dispatcher(auto))
+    assert ce_mod.DISPATCH.select("auto", torch.device(device_for(request.param)))[0] == request.param
     return request.param
 
 
@@ -168,6 +169,27 @@ def test_out_of_range_target_raises_index_error():
         cross_entropy(x, t)
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_requiring_grad_raises_torchs_error(reduction, label_smoothing):
+    """torch's loss is not differentiable w.r.t. the class weights: a weight that requires grad raises torch's own
+    error (same type, same message) from the function and the module; without grad mode both compute."""
+    x, t, w = inputs(6, 9, torch.float32, weight=True)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    kwargs = dict(reduction=reduction, label_smoothing=label_smoothing)
+    with pytest.raises(Exception) as theirs:
+        F.cross_entropy(x, t, w, **kwargs)
+    assert "not differentiable with respect to argument 'weight'" in str(theirs.value)
+    for ours_fn in (lambda: cross_entropy(x, t, w, **kwargs), lambda: CrossEntropyLoss(weight=w, **kwargs)(x, t)):
+        with pytest.raises(Exception) as ours:
+            ours_fn()
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+    with torch.no_grad():
+        torch.testing.assert_close(cross_entropy(x, t, w, **kwargs), F.cross_entropy(x, t, w, **kwargs),
+                                   rtol=1e-5, atol=1e-6)
+
+
 def test_inputs_not_mutated(auto_backend):
     x, t, w = inputs(5, 9, torch.bfloat16, weight=True, device=device_for(auto_backend))
     x.requires_grad_(True)
@@ -179,7 +201,7 @@ def test_inputs_not_mutated(auto_backend):
 def test_dropins_skip_the_argmax(monkeypatch, auto_backend):
     """The drop-ins return no accuracy, so they call the backend with correct=None (the kernels' loss-only
     variant); fused_cross_entropy, whose output has the counts, passes a correct buffer."""
-    mod = ce_mod._backend_module(auto_backend, device_for(auto_backend))
+    mod = ce_mod.DISPATCH.launcher(auto_backend, torch.device(device_for(auto_backend)))
     real = mod.fwd_bwd
     loss_only = []
 

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -223,7 +226,7 @@ def test_fused_loss_validates_its_arguments():
 
 # ----------------------------------------------------------------------------------------------- seq2seq LMs
 
-SEQ2SEQ = ["t5", "mt5", "longt5", "bart", "mbart", "marian", "pegasus"]
+SEQ2SEQ = ["t5", "mt5", "umt5", "longt5", "bart", "mbart", "plbart", "marian", "pegasus", "pegasus_x", "led", "mvp"]
 
 
 def seq2seq_batch(name, seed=0):
@@ -284,14 +287,69 @@ def test_seq2seq_given_decoder_inputs_tuple_output_and_num_items():
     assert accuracy.counts("eval")[1] == 2 * int((labels != -100).sum())
 
 
-@pytest.mark.parametrize("name", ["whisper", "fsmt", "m2m100"])
+@pytest.mark.parametrize("name", ["whisper", "fsmt", "m2m100", "blenderbot", "switch_transformers"])
 def test_unsupported_seq2seq_models_are_refused_with_the_reason(name):
-    # whisper / m2m100: no prepare_decoder_input_ids_from_labels; fsmt: its forward builds the decoder inputs
-    # from input_ids, not labels. The wrapper could not reproduce their forward, so it refuses.
+    # whisper / m2m100 / blenderbot: no prepare_decoder_input_ids_from_labels; fsmt: its forward builds the
+    # decoder inputs from input_ids, not labels; switch_transformers adds router losses. The wrapper could not
+    # reproduce their loss, so it refuses, naming the model type.
     model = copy.deepcopy(hf_fixtures.make_model(name))
-    with pytest.raises(TypeError, match=type(model).__name__ + " is not supported"):
+    with pytest.raises(TypeError, match=rf"{type(model).__name__} is not supported \(model_type "
+                                        rf"'{model.config.model_type}'\)"):
         apply_fused_loss(model)
-    assert "forward" not in model.__dict__
+    assert "forward" not in model.__dict__ and "_loss_function" not in model.__dict__
+
+
+def test_causal_heads_with_an_inline_loss_are_refused():
+    # BartForCausalLM computes CrossEntropyLoss itself: replacing loss_function would change nothing
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                     decoder_ffn_dim=32)
+    model = transformers.BartForCausalLM(config)
+    with pytest.raises(TypeError, match=r"BartForCausalLM is not supported \(model_type 'bart'\): its forward "
+                                        "computes CrossEntropyLoss itself"):
+        apply_fused_loss(model)
+    assert "_loss_function" not in model.__dict__
+
+
+def _forward_source(cls) -> str:
+    return inspect.getsource(cls.forward)
+
+
+def test_model_type_tables_match_transformers_sources():
+    """The tables apply_fused_loss decides by are checked against the installed transformers' own sources."""
+    from transformers.models.auto import modeling_auto
+
+    from pyseqpack.integrations import transformers as integ
+
+    builds_from_labels = re.compile(r"decoder_input_ids\s*=\s*[\w.]+\(\s*labels\b")
+    cache_off = re.compile(r"if labels is not None:[^\n]*\n(?:[^\n]*\n){0,3}?[^\n]*use_cache = False")
+    for model_type, (head, no_cache) in integ._SEQ2SEQ_INLINE_LOSS.items():
+        cls = getattr(transformers, head)
+        source = _forward_source(cls)
+        assert cls.config_class.model_type == model_type, head
+        assert hasattr(cls, "prepare_decoder_input_ids_from_labels"), head
+        assert "self.loss_function" not in source and "CrossEntropyLoss(" in source, head
+        assert builds_from_labels.search(source), head
+        assert bool(cache_off.search(source)) == no_cache, head
+    heads = {}  # model_type -> its LM heads, from every registry of generating heads
+    for registry in ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+                     "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES",
+                     "MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES"):
+        for model_type, names in getattr(modeling_auto, registry, {}).items():
+            heads.setdefault(model_type, set()).update([names] if isinstance(names, str) else names)
+    for model_type in integ._SEQ2SEQ_LOSS_FUNCTION:
+        classes = [getattr(transformers, n) for n in heads.get(model_type, ()) if hasattr(transformers, n)]
+        assert classes, model_type
+        assert all("self.loss_function" in _forward_source(c) for c in classes), model_type
+        assert all(c.config_class().is_encoder_decoder for c in classes), model_type
+    # the decoder-only list is complete: every other causal-LM head transformers registers calls loss_function
+    for model_type, names in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        for head in [names] if isinstance(names, str) else names:
+            cls = getattr(transformers, head, None)
+            if cls is None:  # a head whose optional dependencies are missing here
+                continue
+            inline = "self.loss_function" not in _forward_source(cls)
+            assert inline == (model_type in integ._CAUSAL_INLINE_LOSS), (model_type, head)
 
 
 def test_non_lm_heads_are_refused():
@@ -320,7 +378,7 @@ def test_token_accuracy_accumulates_on_device_and_resets():
     acc.update(correct, total)
     acc.update(torch.tensor(1, dtype=torch.int32), torch.tensor(2, dtype=torch.int32))
     assert (int(correct), int(total)) == (3, 10), "update must not add into the caller's tensors"
-    acc.update(torch.tensor(5), torch.tensor(5), mode="eval")
+    acc.update(torch.tensor(5), torch.tensor(5), split="eval")
     assert acc.counts("train") == (4, 12)
     assert acc.compute("train", reset=False) == pytest.approx(4 / 12)
     assert acc.compute("train") == pytest.approx(4 / 12)
@@ -330,27 +388,60 @@ def test_token_accuracy_accumulates_on_device_and_resets():
     assert acc.counts("eval") == (0, 0)
 
 
+def test_token_accuracy_windows_are_named_attributes():
+    acc = TokenAccuracy()
+    assert acc.window("train") is acc.train and acc.window("eval") is acc.eval
+    assert acc.train.empty and acc.eval.empty and repr(acc) == "TokenAccuracy(train=empty, eval=empty)"
+    acc.eval.update(torch.tensor(2), torch.tensor(8))
+    acc.update(torch.tensor(1), torch.tensor(3), split="eval")
+    assert not acc.eval.empty and acc.eval.calls == 2 and acc.train.empty
+    assert repr(acc.eval) == "AccuracyWindow('eval', 2 call(s), on device)"
+    assert acc.eval.counts() == acc.counts("eval") == (3, 11)
+    assert acc.eval.compute() == pytest.approx(3 / 11)
+    assert acc.eval.empty and acc.eval.calls == 0
+
+
+def test_empty_window_warns_where_the_counts_are():
+    """After eval-mode forwards the counts are in the eval window: asking the train window says so."""
+    model = causal_model("llama")
+    accuracy = apply_fused_loss(model)
+    input_ids, _, labels = sft_batch()
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=input_ids, labels=labels)
+    with pytest.warns(UserWarning, match=r"the 'train' window is empty, but the 'eval' window holds the counts of "
+                                         r"1 loss call\(s\).*model\.eval\(\).*accuracy\.eval\.compute\(\)"):
+        assert accuracy.compute() is None
+    with pytest.warns(UserWarning, match="'train' window is empty"):
+        assert accuracy.train.compute() is None
+    expected = trl_counts(out.logits, labels, shift=True)
+    assert accuracy.eval.compute() == pytest.approx(expected[0] / expected[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # both windows empty: nothing to point at
+        assert accuracy.compute() is None and accuracy.eval.compute() is None
+
+
 def test_token_accuracy_mixes_inference_mode_and_no_grad():
     # a window opened under torch.inference_mode() must keep accepting counts outside it (and the reverse)
     acc = TokenAccuracy()
     with torch.inference_mode():
-        acc.update(torch.tensor(1), torch.tensor(2), mode="eval")
+        acc.update(torch.tensor(1), torch.tensor(2), split="eval")
     with torch.no_grad():
-        acc.update(torch.tensor(1), torch.tensor(2), mode="eval")
+        acc.update(torch.tensor(1), torch.tensor(2), split="eval")
     with torch.inference_mode():
-        acc.update(torch.tensor(1), torch.tensor(3), mode="eval")
+        acc.update(torch.tensor(1), torch.tensor(3), split="eval")
     assert acc.counts("eval") == (3, 7)
 
 
 def test_token_accuracy_rejects_bad_input():
     acc = TokenAccuracy()
-    with pytest.raises(ValueError, match="mode must be one of"):
-        acc.update(torch.tensor(1), torch.tensor(1), mode="test")
+    with pytest.raises(ValueError, match="split must be one of"):
+        acc.update(torch.tensor(1), torch.tensor(1), split="test")
     with pytest.raises(TypeError, match="num_correct must be a one-element integer tensor"):
         acc.update(torch.tensor(0.5), torch.tensor(1))
     with pytest.raises(TypeError, match="num_tokens must be a one-element integer tensor"):
         acc.update(torch.tensor(1), 3)
-    with pytest.raises(ValueError, match="mode must be one of"):
+    with pytest.raises(ValueError, match="split must be one of"):
         acc.counts("valid")
 
 
@@ -362,7 +453,7 @@ _TWO_RANKS = textwrap.dedent("""
     acc = TokenAccuracy()
     if rank == 0:   # rank 0: 3 of 10 correct over two micro-batches; rank 1: 1 of 2, and nothing in eval
         acc.update(torch.tensor(2), torch.tensor(6)); acc.update(torch.tensor(1), torch.tensor(4))
-        acc.update(torch.tensor(1), torch.tensor(1), mode="eval")
+        acc.update(torch.tensor(1), torch.tensor(1), split="eval")
     else:
         acc.update(torch.tensor(1), torch.tensor(2))
     print(rank, acc.counts(), acc.compute(), acc.compute("eval"), acc.compute(reduce=False), flush=True)
@@ -433,16 +524,16 @@ def test_callback_reads_the_window_each_log_belongs_to():
         return logs
 
     acc.update(torch.tensor(1), torch.tensor(2))
-    acc.update(torch.tensor(3), torch.tensor(4), mode="eval")
+    acc.update(torch.tensor(3), torch.tensor(4), split="eval")
     # the end-of-training summary looks like an evaluation with prefix "train", and is not one
     assert "train_token_accuracy" not in log({"train_runtime": 1.0, "train_loss": 2.0, "epoch": 1.0})
     assert "learning_rate" in log({"learning_rate": 0.1})  # nothing to add to
     assert log({"eval_loss": 1.0, "eval_runtime": 0.1})["eval_token_accuracy"] == 0.75
-    acc.update(torch.tensor(1), torch.tensor(4), mode="eval")
+    acc.update(torch.tensor(1), torch.tensor(4), split="eval")
     assert log({"test_loss": 1.0, "test_runtime": 0.1})["test_token_accuracy"] == 0.25
     assert log({"loss": 1.0, "grad_norm": 0.5})["token_accuracy"] == 0.5
     assert "token_accuracy" not in log({"loss": 1.0})  # an empty window adds nothing
-    acc.update(torch.tensor(1), torch.tensor(1), mode="eval")
+    acc.update(torch.tensor(1), torch.tensor(1), split="eval")
     callback.on_predict(None, state, None)  # predict() logs nothing: its counts are dropped
     assert acc.counts("eval") == (0, 0)
 

@@ -66,8 +66,8 @@ class SFTTrainer(trl.SFTTrainer):
     def log(self, logs, start_time=None):
         # TRL's log() averages self._metrics[mode] into the logs (with an "eval_" prefix in evaluation): put the
         # window's token-weighted accuracy there, as one value. compute() is collective: log runs on every rank.
-        mode = "train" if self.model.training else "eval"
-        accuracy = self.token_accuracy.compute(mode)
+        split = "train" if self.model.training else "eval"
+        accuracy = self.token_accuracy.window(split).compute()
         if accuracy is not None:
-            self._metrics[mode]["mean_token_accuracy"] = [accuracy]
+            self._metrics[split]["mean_token_accuracy"] = [accuracy]
         super().log(logs, start_time)

@@ -1,7 +1,7 @@
 """ctypes launcher of the CUDA fused cross-entropy (csrc/cross_entropy.cu in the pyseqpack._cuda library).
 
-Same contract as the Triton launcher (pyseqpack.kernels.cross_entropy), so pyseqpack/cross_entropy.py calls
-either one the same way:
+The launcher contract of every backend (see pyseqpack/cross_entropy/reference.py and
+pyseqpack.kernels.cross_entropy):
 
     fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap)
     scale_grad_(grad, grad_output)
@@ -11,29 +11,17 @@ what keeps the raw-pointer call memory-safe: devices, dtypes, shapes and the uni
 sizes, strides, dtype codes and torch's current stream go to the C entry points; nothing syncs with the host,
 so both calls can be captured in a CUDA graph. A nonzero return (a cudaError_t) raises RuntimeError with the
 CUDA error string.
-
-``USE_CLUSTERS`` (bool, read once at import from the environment variable ``PYSEQPACK_CE_CLUSTERS``: "1"
-enables it) lets ``fwd_bwd`` use the thread-block-cluster kernel (ce_cluster_kernel in csrc/cross_entropy.cu)
-on GPUs that have clusters (sm_90+): when a gradient is asked for and a row does not fit one CTA's shared
-memory (bf16 V above ~115k on H100), C = 2, 4 or 8 CTAs share the row, each holding its slice in shared
-memory, so the logits are read from DRAM once at any V instead of a part of every row twice. It is opt-in
-because it has not yet run on a GPU; the tests run fwd_bwd with it both off and on (by setting the module
-attribute), and it can be set at run time the same way.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 
 import torch
 
-from . import _native
+from .. import _native
 
 __all__ = ["fwd_bwd", "scale_grad_"]
-
-# The cluster kernel of fwd_bwd, off unless PYSEQPACK_CE_CLUSTERS=1 (see the module docstring).
-USE_CLUSTERS: bool = os.environ.get("PYSEQPACK_CE_CLUSTERS", "") == "1"
 
 # dtype codes of the C ABI (enum DTypeCode in csrc/cross_entropy.cu).
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -49,7 +37,7 @@ def _lib():
         p, p, p,                # loss, lse, correct
         p, i64, p,              # grad, grad_row_stride, grad_scale
         i64, f32, f32, f32,     # ignore_index, label_smoothing, z_loss, softcap
-        i32, p,                 # cluster_mode, stream
+        p,                      # stream
     ]
     lib.pyseqpack_ce_fwd_bwd.restype = i32
     lib.pyseqpack_ce_scale_grad.argtypes = [p, i32, i64, i64, i64, p, i32, p]
@@ -101,7 +89,6 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
                 grad_scale * d loss_i / d logits_i; exact zeros in ignored rows
     grad_scale  [1] float32 device tensor (read by the kernel, never by the host); required with ``grad``
     ignore_index (int), label_smoothing (float eps), z_loss (float z), softcap (float c; <= 0 or None: off)
-    ``USE_CLUSTERS`` (module attribute, read at each call) allows the cluster kernel (see the module docstring).
     """
     device = logits.device
     code = _require_matrix("logits", logits, device)
@@ -129,7 +116,7 @@ def fwd_bwd(logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_inde
             loss.data_ptr(), lse.data_ptr(), correct_ptr,
             grad_ptr, grad_stride, scale_ptr,
             int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0),
-            int(bool(USE_CLUSTERS)), torch.cuda.current_stream(device).cuda_stream,
+            torch.cuda.current_stream(device).cuda_stream,
         )
     _check_return(rc, "pyseqpack_ce_fwd_bwd")
 

@@ -1,5 +1,7 @@
 """Fused cross-entropy: loss, gradient and token-accuracy counts from one pass over the logits.
 
+Semantics: docs/semantics.md, "Cross-entropy, as pyseqpack defines it".
+
 Public API
 ----------
 * ``fused_cross_entropy(logits, labels, ...) -> CrossEntropyOutput(loss, num_correct, num_tokens, accuracy)``:
@@ -10,8 +12,7 @@ Public API
   valid targets, as torch). Anything else goes to torch itself. It returns no accuracy, so it runs the kernels'
   loss-only variant (no argmax).
 
-Semantics (/work/shared/SEMANTICS.md, "Cross-entropy, as pyseqpack defines it"), for a row x of V logits in fp32
-and label y:
+For a row x of V logits in fp32 and label y:
     x <- softcap * tanh(x / softcap)                         (when softcap is given)
     lse = log(sum(exp(x)))
     loss = (1 - eps) * (lse - x[y]) + eps * (lse - mean(x)) + z * lse^2     (eps = label_smoothing, z = z_loss)
@@ -28,49 +29,41 @@ is a device-side assert; only an explicit ``check_labels=True`` syncs), so a tra
 CUDA graph. backward() then only multiplies the saved gradient by the incoming grad_output, in place, and skips
 even that on the device when the factor is exactly 1.0 (the usual ``loss.backward()``).
 
-Backends, one ``torch.library`` op for all of them:
-* "cuda"   ``pyseqpack.cross_entropy_cuda`` (csrc/cross_entropy.cu; needs the library built with nvcc)
-* "triton" ``pyseqpack.kernels.cross_entropy`` (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
-* "torch"  the reference and the CPU path (below), in chunks of rows so that no fp32 copy of the whole logits
-           is ever held
+Backends (one launcher module each, same ``fwd_bwd`` / ``scale_grad_`` signature), chosen by ``DISPATCH``
+(pyseqpack/_dispatch.py) inside the torch.library ops:
+* "cuda"   ``pyseqpack.cross_entropy.cuda`` (csrc/cross_entropy.cu; needs the library built with nvcc)
+* "triton" ``pyseqpack.cross_entropy.triton`` (the kernels of ``pyseqpack.kernels.cross_entropy``; CUDA tensors,
+           and CPU tensors under TRITON_INTERPRET=1)
+* "torch"  ``pyseqpack.cross_entropy.reference``, the reference and the CPU path, in chunks of rows so that no
+           fp32 copy of the whole logits is ever held
 * "auto"   CUDA tensor: cuda if built, else triton, else torch (also on a launch failure); CPU tensor: torch.
 
-The ops ``pyseqpack::cross_entropy_fwd_bwd`` (functional, with a registered autograd formula),
+The ops ``pyseqpack::cross_entropy_fwd_bwd`` (writes the gradient into a buffer it is given),
 ``pyseqpack::cross_entropy_fwd_bwd_inplace`` (writes the gradient into the logits) and
-``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, so ``torch.compile(fullgraph=True)`` traces
-through ``fused_cross_entropy`` and ``cross_entropy`` without a graph break. One cost of compiling: AOTAutograd
-functionalizes the backward graph, and since the saved gradient is a graph input there, inductor copies it once
-before our in-place scaling (one extra read + write of the gradient, in the same memory); eager mode has none.
+``pyseqpack::cross_entropy_scale_grad_`` have fake implementations, and their autograd is an autograd.Function
+(``_CrossEntropyFunction``), so ``torch.compile(fullgraph=True)`` traces through ``fused_cross_entropy`` and
+``cross_entropy`` without a graph break.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import os
-import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _native
+from .. import _native
+from .._dispatch import Dispatcher
+from . import reference
 
 __all__ = ["CrossEntropyOutput", "fused_cross_entropy", "cross_entropy"]
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("mean", "sum", "none")
-_BACKENDS = ("auto", "cuda", "triton", "torch")
-
-# The torch backend upcasts this many bytes of logits rows to fp32 at a time (its temporaries are about three
-# times that): bounded memory whatever N is, with chunks large enough that per-op overheads (a parallel region
-# on CPU, a launch on a GPU) stay small against the work. On CPU the chunks also stay below glibc's largest
-# mmap threshold (32 MB): larger temporaries are fresh mappings on every call, and their page faults cost more
-# than the math (bf16, N=512, V=32000 on the 2-core dev box: 61 ms with 32 MB chunks, 32 ms with 4 MB).
-TORCH_CHUNK_BYTES = 4 << 20  # CPU
-TORCH_DEVICE_CHUNK_BYTES = 32 << 20  # CUDA and other devices (a caching allocator: no such cost)
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -93,173 +86,37 @@ def _label_checks_default() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The torch backend: reference implementation of the row-kernel contract (see kernels/cross_entropy.py:fwd_bwd)
+# Backends
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def torch_fwd_bwd(
-    logits, labels, loss, lse, correct, grad, grad_scale, *, ignore_index, label_smoothing, z_loss, softcap,
-    class_weight=None,
-):
-    """The row-kernel contract in plain torch, TORCH_CHUNK_BYTES (CPU) of fp32 rows at a time.
-
-    Same arguments as ``pyseqpack.kernels.cross_entropy.fwd_bwd`` (``correct=None``: loss only), plus
-    ``class_weight`` ([V] float, or None):
-    torch's weighted formula, used by the ``cross_entropy`` drop-in when class weights meet label smoothing:
-        loss = (1 - eps) * w[y] * (lse - x[y]) + eps / V * sum_c w[c] * (lse - x[c])
-        d/dx = (1 - eps) * w[y] * (p - onehot(y)) + eps / V * (sum(w) * p - w)
-    Each chunk is upcast once; its gradient is written only after everything it needs was computed, so
-    ``grad is logits`` is safe. Full passes per chunk: the fp32 upcast (bf16 / fp16 logits), argmax, softmax
-    (torch's fused kernel, written straight into an fp32 gradient), one scale in place, and the conversion
-    into a bf16 / fp16 gradient; the rest are per-row gathers. (Writing bf16 straight from fp32 operands with
-    torch.mul(..., out=) is slower on CPU than the in-place scale plus one copy.) Few large ops rather than many
-    small ones: each op on CPU is a parallel region, whose start-up dominates small chunks on a busy machine.
-    """
-    n, v = logits.shape
-    eps, z = float(label_smoothing), float(z_loss)
-    cap = float(softcap) if softcap is not None and softcap > 0 else None
-    chunk = TORCH_CHUNK_BYTES if logits.device.type == "cpu" else TORCH_DEVICE_CHUNK_BYTES
-    rows = max(1, chunk // (4 * max(v, 1)))  # `chunk` bytes of fp32 rows per chunk
-    w = w_sum = None
-    if class_weight is not None:
-        w = class_weight.to(torch.float32)
-        w_sum = w.sum()
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        x = logits[r0:r1].float()  # for fp32 logits this aliases them: x is only read
-        if cap is not None:
-            t = torch.tanh(x / cap)
-            x = t * cap
-        y = labels[r0:r1].long()
-        valid = (y != ignore_index) & (y >= 0) & (y < v)
-        y0 = torch.where(valid, y, 0)
-        # The first index of the max, the exact lse anchor below: computed in loss-only mode too (an exact anchor
-        # needs a reduction over x either way), so there the torch backend skips only the accuracy compare/store.
-        arg = x.argmax(dim=-1)
-        out = grad[r0:r1] if grad is not None else None
-        # p = softmax(x), into the fp32 gradient's memory when there is one (x is read by nothing after it but
-        # the row gathers below, done first when x aliases that memory).
-        x_arg = x.gather(1, arg[:, None])[:, 0]
-        x_y = x.gather(1, y0[:, None])[:, 0]
-        mean_x = x.mean(-1) if eps != 0 and w is None else None
-        x_w = x @ w if w is not None and eps != 0 else None
-        fp32_out = out is not None and out.dtype == torch.float32
-        p = torch.softmax(x, dim=-1, out=out) if fp32_out else torch.softmax(x, dim=-1)
-        # lse = x_j - log p_j for any j; at the argmax p_j >= 1 / V, so the log is exact even where the row holds
-        # -inf or tiny probabilities (nll = lse - x_y never takes the log of an underflowed p_y)
-        lse_c = x_arg - torch.log(p.gather(1, arg[:, None])[:, 0])
-        # A row of -inf only has a NaN softmax: its lse is -inf (as the kernels give), and an ignored one gets
-        # exact zeros below (a valid one stays NaN, as in torch). Rows with any finite logit are untouched.
-        dead = x_arg == float("-inf")
-        lse_c = torch.where(dead, x_arg, lse_c)
-        nll = lse_c - x_y
-        if w is None:
-            row_loss = nll if eps == 0 else (1 - eps) * nll + eps * (lse_c - mean_x)
-        else:
-            w_y = w[y0]
-            row_loss = (1 - eps) * w_y * nll + ((eps / v) * (w_sum * lse_c - x_w) if eps != 0 else 0.0)
-        if z != 0:
-            row_loss = row_loss + z * lse_c * lse_c
-        loss[r0:r1] = torch.where(valid, row_loss, 0.0)
-        lse[r0:r1] = lse_c
-        if correct is not None:
-            correct[r0:r1] = (valid & (arg == y)).to(torch.int32)
-        if grad is None:
-            continue
-        # g = p * a - b - hot * onehot(y) (- eps / V * w with class weights), per row:
-        #   a = 1 + 2 z lse (unweighted) or (1 - eps) w[y] + eps / V * sum(w) + 2 z lse,  b = eps / V or 0,
-        #   hot = 1 - eps or (1 - eps) w[y]; everything times grad_scale, and 0 on ignored rows.
-        scale = torch.where(valid, grad_scale, 0.0)  # exact zeros for ignored rows, whatever grad_scale is
-        a = 1 + 2 * z * lse_c if w is None else (1 - eps) * w_y + (eps / v) * w_sum + 2 * z * lse_c
-        hot = torch.full_like(lse_c, 1 - eps) if w is None else (1 - eps) * w_y
-        coef = torch.where(valid, a * grad_scale, 0.0)[:, None]  # not a * scale: a is NaN on a row of -inf
-        if logits.device.type != "cpu" or bool(dead.any()):  # on CPU the check is free; elsewhere no sync
-            p.masked_fill_((dead & ~valid)[:, None], 0.0)
-        g = p.mul_(coef)
-        if eps != 0:
-            g -= (eps / v) * scale[:, None] if w is None else (eps / v) * scale[:, None] * w
-        g.scatter_add_(1, y0[:, None], -(hot * scale)[:, None])
-        if cap is not None:
-            g *= t.square_().neg_().add_(1)  # the softcap chain factor 1 - tanh^2, in t's memory
-        if g is not out:
-            out.copy_(g)
+def _load_torch(device):
+    return reference
 
 
-def torch_scale_grad_(grad, grad_output):
-    """grad *= grad_output (1 element, or one per row), the contract of ``scale_grad_`` in plain torch."""
-    f = grad_output.reshape(-1)
-    if grad.device.type == "cpu" and bool((f == 1).all()):
-        return  # a CPU "sync" is free; on other devices we multiply rather than ask the host
-    grad.mul_(f[:, None] if f.numel() > 1 else f)
+def _load_triton(device):
+    _native.require_triton(device)
+    return importlib.import_module(".triton", __name__)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Backend selection
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _TorchBackend:
-    fwd_bwd = staticmethod(torch_fwd_bwd)
-    scale_grad_ = staticmethod(torch_scale_grad_)
-
-
-@functools.lru_cache(maxsize=None)
-def _load_cuda_backend():
-    if not _native.cuda_built():
-        return None, _native._load_cuda()[1]
-    try:
-        return importlib.import_module("pyseqpack.cross_entropy_cuda"), None
-    except Exception as e:  # noqa: BLE001 - any failure means "not usable", reported when asked for by name
-        return None, f"pyseqpack.cross_entropy_cuda is not importable ({type(e).__name__}: {e})"
-
-
-def _backend_module(name: str, device: torch.device):
-    """The module implementing the row-kernel contract for ``name``; BackendUnavailable with a reason if none."""
-    if name == "torch":
-        return _TorchBackend
-    if name == "triton":
-        _native.require_triton(device)
-        return importlib.import_module("pyseqpack.kernels.cross_entropy")
-    if name == "cuda":
-        mod, err = _load_cuda_backend()
-        if mod is None:
-            raise _native.BackendUnavailable(f'backend "cuda" is unavailable: {err}')
-        if device.type != "cuda":
-            raise _native.BackendUnavailable(f'backend "cuda" needs CUDA tensors, got logits on {device}')
-        return mod
-    raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-
-
-def _candidates(backend: str, device: torch.device) -> list:
-    if backend != "auto":
-        return [backend]
+def _load_cuda(device):
+    _native.cuda_library()  # BackendUnavailable saying why the library is missing
     if device.type != "cuda":
-        return ["torch"]
-    out = []
-    if _load_cuda_backend()[0] is not None:
-        out.append("cuda")
-    if _native.triton_available(device):
-        out.append("triton")
-    return out + ["torch"]
+        raise _native.BackendUnavailable(f'backend "cuda" needs CUDA tensors, got logits on {device}')
+    return importlib.import_module(".cuda", __name__)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_fallback(name: str, err: str) -> None:
-    warnings.warn(f'pyseqpack cross-entropy: backend "{name}" failed ({err}); falling back', RuntimeWarning,
-                  stacklevel=3)
+def _dispatcher(auto) -> Dispatcher:
+    """A Dispatcher with this op's backends registered and the given "auto" preference order per device type."""
+    dispatch = Dispatcher("cross_entropy", auto=auto)
+    dispatch.register("cuda", _load_cuda)
+    dispatch.register("triton", _load_triton)
+    dispatch.register("torch", _load_torch)
+    return dispatch
 
 
-def _dispatch(backend: str, device: torch.device, run) -> None:
-    """Call ``run(module)`` with the first usable backend; "auto" falls back on import *and* launch errors."""
-    names = _candidates(backend, device)
-    for i, name in enumerate(names):
-        try:
-            run(_backend_module(name, device))
-            return
-        except Exception as e:  # noqa: BLE001
-            if backend != "auto" or i == len(names) - 1:
-                raise
-            _warn_fallback(name, f"{type(e).__name__}: {e}")
+# Backend choice of every call (the reference runs CPU tensors under "auto").
+DISPATCH = _dispatcher({"cuda": ("cuda", "triton")})
 
 
 def _row_views(t: Tensor, row0: int = 0) -> list:
@@ -293,25 +150,23 @@ def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_inde
     correct = torch.empty(n if with_accuracy else 0, dtype=torch.int32, device=dev)
     flat_labels = labels.reshape(-1).contiguous()
     pieces = _row_views(logits)
-    # a new gradient buffer is contiguous: its rows line up with the logits' pieces by row index
+    # a separate gradient buffer is contiguous (checked by the op): its rows line up with the logits' pieces
     grad2d = None if grad is None or grad is logits else grad.view(-1, v)
     scale = grad_scale.reshape(1).to(torch.float32)
     opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    if class_weight is not None:
-        opts["class_weight"] = class_weight
-        backend = "torch"
 
-    def run(mod):
+    def run(name, launcher):
         for r0, x2 in pieces:
             r1 = r0 + x2.shape[0]
             g2 = x2 if grad is logits else (None if grad2d is None else grad2d[r0:r1])
-            lab = flat_labels[r0:r1]
-            if lab.data_ptr() % 16:
-                lab = lab.clone()  # int64 loads from a pointer that is not 16-byte aligned: see STYLE.md pitfalls
-            mod.fwd_bwd(x2, lab, loss[r0:r1], lse[r0:r1], correct[r0:r1] if with_accuracy else None, g2, scale,
-                        **opts)
+            launcher.fwd_bwd(x2, flat_labels[r0:r1], loss[r0:r1], lse[r0:r1],
+                             correct[r0:r1] if with_accuracy else None, g2, scale, **opts)
 
-    _dispatch(backend, dev, run)
+    if class_weight is None:
+        DISPATCH.run(backend, dev, run)
+    else:
+        opts["class_weight"] = class_weight  # torch's weighted smoothing term: only the reference has it
+        run("torch", reference)
     loss = loss * scale
     if row_weight is not None:
         loss = loss * row_weight.reshape(-1)
@@ -323,35 +178,48 @@ def _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_inde
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd", mutates_args=())
+# The three ops are kernels: they compute, and write only the tensors their schema declares as mutated. The
+# gradient lives in a buffer that the op fills in the forward and backward scales in place, so it is an input
+# of the op (mutated), never an output: an output that a later backward changes is no function of the op's
+# inputs, and AOTAutograd could not give the forward graph such an output. Autograd is _CrossEntropyFunction
+# below, which torch.compile traces like any autograd.Function.
+
+
+@torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd", mutates_args=("grad",))
 def _fwd_bwd_op(
     logits: Tensor,
     labels: Tensor,
     grad_scale: Tensor,
     row_weight: Optional[Tensor],
     class_weight: Optional[Tensor],
+    grad: Optional[Tensor],
     ignore_index: int,
     label_smoothing: float,
     z_loss: float,
     softcap: float,
-    compute_grad: bool,
     with_accuracy: bool,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits.
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and correct, and the gradient of the loss w.r.t. the logits written into ``grad``.
 
     logits [..., V] fp32/bf16/fp16 (stride(-1) == 1), labels [...] int64/int32, grad_scale [1] fp32 (device),
     row_weight [...] fp32 or None (per-row factor: class weights of the targets), class_weight [V] or None
-    (torch backend). Returns loss [N] fp32 = grad_scale * row_weight * per-row loss, lse [N] fp32,
-    correct [N] int32 (with_accuracy; without it the kernels skip the argmax and correct is an empty [0] int32
-    tensor: same schema, and its sum is still 0), grad (logits' shape and dtype, contiguous;
-    grad_scale * d loss_i / d logits, *without* row_weight, which backward applies) or an empty tensor when
-    compute_grad is False. loss, lse and grad do not depend on with_accuracy.
+    (reference backend), grad (logits' shape and dtype, contiguous) or None (forward only): receives
+    grad_scale * d loss_i / d logits, *without* row_weight, which backward applies. Returns loss [N] fp32 =
+    grad_scale * row_weight * per-row loss, lse [N] fp32, correct [N] int32 (with_accuracy; without it the
+    kernels skip the argmax and correct is an empty [0] int32 tensor: same schema, and its sum is still 0).
+    loss, lse and grad do not depend on with_accuracy.
     """
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if compute_grad else None
-    loss, lse, correct = _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index,
-                              label_smoothing, z_loss, softcap, with_accuracy, backend)
-    return loss, lse, correct, grad if grad is not None else logits.new_empty(0)
+    if grad is not None:
+        if grad.shape != logits.shape or grad.dtype != logits.dtype or grad.device != logits.device \
+                or not grad.is_contiguous():
+            raise ValueError(
+                f"grad must be a contiguous {logits.dtype} tensor of the logits' shape {tuple(logits.shape)} on "
+                f"{logits.device}, got {grad.dtype} {tuple(grad.shape)} on {grad.device} with strides {grad.stride()}")
+        if logits.numel() and grad.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            raise ValueError("grad shares memory with logits: use cross_entropy_fwd_bwd_inplace for that")
+    return _run(logits, labels, grad, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
+                softcap, with_accuracy, backend)
 
 
 def _fake_rows(logits, labels, with_accuracy):
@@ -365,10 +233,9 @@ def _fake_rows(logits, labels, with_accuracy):
 
 
 @_fwd_bwd_op.register_fake
-def _(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
-      compute_grad, with_accuracy, backend):
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
-    return _fake_rows(logits, labels, with_accuracy) + (grad,)
+def _(logits, labels, grad_scale, row_weight, class_weight, grad, ignore_index, label_smoothing, z_loss, softcap,
+      with_accuracy, backend):
+    return _fake_rows(logits, labels, with_accuracy)
 
 
 @torch.library.custom_op("pyseqpack::cross_entropy_fwd_bwd_inplace", mutates_args=("logits",))
@@ -412,11 +279,11 @@ def _scale_grad_op(grad: Tensor, grad_output: Tensor, backend: str) -> None:
         f = f[:1]  # the expanded ones of sum()'s backward: one scalar, not N copies
     f = f.to(torch.float32).contiguous()
 
-    def run(mod):
+    def run(name, launcher):
         for r0, g2 in _row_views(grad):
-            mod.scale_grad_(g2, f if f.numel() == 1 else f[r0:r0 + g2.shape[0]])
+            launcher.scale_grad_(g2, f if f.numel() == 1 else f[r0:r0 + g2.shape[0]])
 
-    _dispatch(backend, grad.device, run)
+    DISPATCH.run(backend, grad.device, run)
 
 
 @_scale_grad_op.register_fake
@@ -424,54 +291,55 @@ def _(grad, grad_output, backend):
     return None
 
 
-def _apply_grad_output(grad, row_weight, g_loss, backend):
-    """The gradient w.r.t. the logits from the saved one: times grad_output (and the per-row weights)."""
-    if g_loss is None:
-        return None
-    factor = g_loss if row_weight is None else g_loss * row_weight.reshape(g_loss.shape)
-    torch.ops.pyseqpack.cross_entropy_scale_grad_(grad, factor, backend)
-    return grad
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Autograd of the fused loss: the forward computes the gradient (into a new buffer, or into the logits with
+    ``inplace``), backward scales it by grad_output (and the per-row weights) in place and hands it over.
 
-
-def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[11]
-    ctx.save_for_backward(output[3], inputs[3])
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
-    # Without this, autograd hands backward a materialized N x V tensor of zeros for the (unused) gradient
-    # output: a full extra write of the logits' size in every backward.
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, g_loss, g_lse, g_correct, g_grad):
-    # The gradient was computed in the forward; scaling it in place bumps its version, so a second backward
-    # through the same graph (retain_graph=True) raises instead of scaling it twice.
-    grad, row_weight = ctx.saved_tensors
-    return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 11
-
-
-_fwd_bwd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _InplaceCrossEntropy(torch.autograd.Function):
-    """Autograd for the in-place op (torch.library cannot register a formula on a mutating op)."""
+    The in-place scaling bumps the gradient's version, so a second backward through the same graph
+    (retain_graph=True) raises instead of scaling it twice. Under torch.compile, functionalization turns it into
+    a copy of the saved gradient and a scaling of the copy (one extra read and write of it, in the same memory);
+    eager mode has none.
+    """
 
     @staticmethod
-    def forward(ctx, logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap,
-                with_accuracy, backend):
-        loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
-            logits, labels, grad_scale, row_weight, ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
-            backend
-        )
+    def forward(ctx, logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss,
+                softcap, inplace, with_accuracy, backend):
+        options = (ignore_index, label_smoothing, z_loss, softcap, with_accuracy, backend)
+        if inplace:
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd_inplace(
+                logits, labels, grad_scale, row_weight, *options)
+            grad = logits  # the logits now hold the gradient
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            loss, lse, correct = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
+                logits, labels, grad_scale, row_weight, class_weight, grad, *options)
         ctx.backend = backend
-        ctx.save_for_backward(logits, row_weight)  # logits now hold the gradient
+        ctx.save_for_backward(grad, row_weight)
         ctx.mark_non_differentiable(lse, correct)
+        # Without this, autograd would hand backward materialized zeros for the lse and correct outputs.
         ctx.set_materialize_grads(False)
         return loss, lse, correct
 
     @staticmethod
     def backward(ctx, g_loss, g_lse, g_correct):
+        if g_loss is None:
+            return (None,) * 12
         grad, row_weight = ctx.saved_tensors
-        return (_apply_grad_output(grad, row_weight, g_loss, ctx.backend),) + (None,) * 9
+        factor = g_loss if row_weight is None else g_loss * row_weight.reshape(g_loss.shape)
+        torch.ops.pyseqpack.cross_entropy_scale_grad_(grad, factor, ctx.backend)
+        return (grad,) + (None,) * 11
+
+
+def _rows(logits, labels, grad_scale, row_weight, class_weight, ignore_index, label_smoothing, z_loss, softcap,
+          inplace, with_accuracy, backend):
+    """(loss, lse, correct) per row, differentiable w.r.t. the logits when grad mode needs it (the gradient is
+    then computed in the same pass); the forward-only kernels otherwise."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _CrossEntropyFunction.apply(logits, labels, grad_scale, row_weight, class_weight, ignore_index,
+                                           label_smoothing, z_loss, softcap, inplace, with_accuracy, backend)
+    return torch.ops.pyseqpack.cross_entropy_fwd_bwd(logits, labels, grad_scale, row_weight, class_weight, None,
+                                                     ignore_index, label_smoothing, z_loss, softcap, with_accuracy,
+                                                     backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,8 +390,7 @@ def validate_options(ignore_index, reduction, label_smoothing, z_loss, softcap, 
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    DISPATCH._check_name(backend)  # ValueError naming the registered backends
 
 
 def _validate(logits, labels, ignore_index, reduction, label_smoothing, z_loss, softcap, shift,
@@ -568,7 +435,7 @@ def _validate(logits, labels, ignore_index, reduction, label_smoothing, z_loss, 
         elif not num_items_in_batch > 0:
             raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
     if backend != "auto":
-        _backend_module(backend, logits.device)  # raises BackendUnavailable with the reason
+        DISPATCH.launcher(backend, logits.device)  # raises BackendUnavailable with the reason
     if inplace_backward and logits.requires_grad and torch.is_grad_enabled():
         if logits.is_leaf:
             raise ValueError(
@@ -629,6 +496,8 @@ def fused_cross_entropy(
 ) -> CrossEntropyOutput:
     """Cross-entropy loss, its gradient and token-accuracy counts from one fused pass over the logits.
 
+    Semantics: docs/semantics.md, "Cross-entropy, as pyseqpack defines it".
+
     Args:
         logits: [..., V] float32/bfloat16/float16, stride(-1) == 1, any other strides. Never copied (not with
             ``shift=True`` either: the labels are shifted instead).
@@ -652,7 +521,7 @@ def fused_cross_entropy(
             gradients; code that keeps its own reference outside autograd (a logging hook, a cache) is NOT
             protected. Refused for leaf tensors, views of leaves, and overlapping (expanded) logits. Only has an
             effect when a gradient is computed (grad enabled and logits.requires_grad).
-        backend: "auto", "cuda", "triton" or "torch" (see the module docstring).
+        backend: "auto", "cuda", "triton" or "torch" (see the docstring of pyseqpack/cross_entropy/__init__.py).
         check_labels: validate in eager mode that every label is in [0, V) or ignore_index. None (default):
             on unless the environment sets PYSEQPACK_CHECK_LABELS=0; on CPU tensors it raises ValueError naming
             the position, on a GPU it is a device-side assert (no host sync). True: the host-side check with the
@@ -683,15 +552,9 @@ def fused_cross_entropy(
         grad_scale = (1.0 / num_tokens.clamp(min=1).to(torch.float32)).reshape(1)
     else:
         grad_scale = torch.ones(1, dtype=torch.float32, device=dev)
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
     cap = float(softcap) if softcap is not None else 0.0
-    args = (int(ignore_index), float(label_smoothing), float(z_loss), cap)
-    if inplace_backward and compute_grad:
-        rows, _, correct = _InplaceCrossEntropy.apply(logits, labels, grad_scale, None, *args, True, backend)
-    else:
-        rows, _, correct, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-            logits, labels, grad_scale, None, None, *args, compute_grad, True, backend
-        )
+    rows, _, correct = _rows(logits, labels, grad_scale, None, None, int(ignore_index), float(label_smoothing),
+                             float(z_loss), cap, bool(inplace_backward), True, backend)
     loss = rows.reshape(labels.shape) if reduction == "none" else rows.sum()
     num_correct = correct.sum(dtype=torch.int64)
     accuracy = num_correct.to(torch.float32) / num_tokens.clamp(min=1).to(torch.float32)
@@ -699,7 +562,8 @@ def fused_cross_entropy(
 
 
 def _dropin_supported(input, target, weight, reduction, label_smoothing) -> bool:
-    """The [N, C] (or [C]) class-index case that the fused op covers; everything else goes to torch."""
+    """The [N, C] (or [C]) class-index case that the fused op covers; everything else goes to torch (which
+    computes it or raises its own error)."""
     if not (isinstance(input, Tensor) and isinstance(target, Tensor)):
         return False
     if input.dtype not in _LOGIT_DTYPES or target.dtype != torch.int64 or input.device != target.device:
@@ -717,6 +581,8 @@ def _dropin_supported(input, target, weight, reduction, label_smoothing) -> bool
         and weight.dtype == input.dtype and weight.device == input.device
     ):
         return False
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        return False  # torch's loss is not differentiable w.r.t. the weights: torch raises its own error
     return True
 
 
@@ -732,10 +598,13 @@ def cross_entropy(
 ) -> Tensor:
     """Drop-in for ``torch.nn.functional.cross_entropy`` (same signature and results), fused.
 
+    Semantics: torch's own (docs/semantics.md, "Cross-entropy, as pyseqpack defines it", last point).
+
     [N, C] (or [C]) logits with int64 class-index targets run through the fused op: same values (in the
     input's dtype, computed in fp32) and gradients as torch, including class ``weight`` (the mean divides by the
     summed weights of the valid targets), label smoothing (torch's weighted formula when both are given), and NaN
-    for a mean over zero valid targets. Out-of-range targets raise IndexError in eager mode, as torch does
+    for a mean over zero valid targets. A ``weight`` that requires grad raises torch's own error (torch's loss
+    is not differentiable w.r.t. it). Out-of-range targets raise IndexError in eager mode, as torch does
     (PYSEQPACK_CHECK_LABELS=0 skips that host sync). Every other form (probability targets, [N, C, d1, ...]
     inputs, other dtypes, invalid arguments) is handed to torch itself, which computes it or raises its own
     error.
@@ -765,12 +634,9 @@ def cross_entropy(
         grad_scale = (1.0 / denom).reshape(1)  # inf for zero valid targets: NaN loss, as torch
     else:
         grad_scale = torch.ones(1, dtype=torch.float32, device=x.device)
-    compute_grad = torch.is_grad_enabled() and x.requires_grad
     # with_accuracy=False: torch's function returns no accuracy, so the kernels skip the argmax
-    rows, _, _, _ = torch.ops.pyseqpack.cross_entropy_fwd_bwd(
-        x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0, 0.0,
-        compute_grad, False, "auto",
-    )
+    rows, _, _ = _rows(x, t, grad_scale, row_weight, class_weight, int(ignore_index), float(label_smoothing), 0.0,
+                       0.0, False, False, "auto")
     if reduction == "none":
         out = rows.reshape(()) if squeeze else rows
     else:
