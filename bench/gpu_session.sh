@@ -58,7 +58,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >>"$OUT/env
 
 case "$step" in
 tests)
-    # The files with GPU tests first (CUDA and Triton-on-CUDA parity, CUDA graphs, the cluster kernel, >2^31
+    # The files with GPU tests first (CUDA and Triton-on-CUDA parity, CUDA graphs, >2^31
     # offsets), then the rest of the suite on the GPU machine; each failure is listed (no -x), with a JUnit XML.
     cd /tmp
     gpu_files=(test_pad_shift_mask_cuda.py test_pad_shift_mask_triton.py test_pad_shift_mask.py

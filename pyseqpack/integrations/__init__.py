@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "TokenAccuracy": "transformers",
+    "AccuracyWindow": "transformers",
     "FusedLMLoss": "transformers",
     "apply_fused_loss": "transformers",
     "remove_fused_loss": "transformers",
