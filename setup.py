@@ -168,7 +168,8 @@ setup(
     version=VERSION,
     # kernels/ installs as pyseqpack.kernels, a namespace subpackage: the checkout's kernels/ has no __init__.py,
     # so it never shadows the PyPI package `kernels` when Python runs in the checkout's root.
-    packages=["pyseqpack", "pyseqpack.kernels", "pyseqpack.integrations", "pyseqpack.data"],
+    packages=["pyseqpack", "pyseqpack.kernels", "pyseqpack.integrations", "pyseqpack.data",
+              "pyseqpack.pad_shift_mask"],
     package_dir={"pyseqpack": "pyseqpack", "pyseqpack.kernels": "kernels"},
     package_data={"pyseqpack.data": ["*.txt"], "pyseqpack.kernels": ["README.md"]},
     ext_modules=ext_modules,

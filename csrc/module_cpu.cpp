@@ -8,6 +8,7 @@
 #include <thread>
 
 // csrc/pad_shift_mask_cpu.cpp
+PyObject* psm_output_keys(PyObject*, PyObject*);
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs);
@@ -21,6 +22,8 @@ static PyObject* hardware_threads(PyObject*, PyObject*) {
 
 static PyMethodDef kMethods[] = {
     {"hardware_threads", hardware_threads, METH_NOARGS, "std::thread::hardware_concurrency()"},
+    {"psm_output_keys", psm_output_keys, METH_NOARGS,
+     "psm_output_keys() -> tuple of str: pad_shift_mask's output slots in kernel order (csrc/pad_shift_mask.h)"},
     {"psm_row_lengths", PSM_FASTCALL(psm_row_lengths),
      "psm_row_lengths(rows, name) -> (row lengths, other, longest, shortest, opened rows) (pad_shift_mask)"},
     {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},

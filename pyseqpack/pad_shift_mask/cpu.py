@@ -1,0 +1,62 @@
+"""Backend "cpu" of pad_shift_mask: the C++ module pyseqpack._C (csrc/pad_shift_mask_cpu.cpp) reads the
+caller's objects directly and writes every output in one pass.
+
+Each field goes to C++ in its own form: the rows (as psm_row_lengths opened them while planning, so each row's
+buffer is acquired once per call), or a flat buffer with its int64 offsets.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from .plan import Call, Options, Seqs, output_keys
+
+__all__ = ["run", "gather"]
+
+
+def source(seqs: Seqs):
+    """(object C++ reads, int64 offsets or None): the rows (opened when measured in C++), or a flat buffer and its
+    offsets."""
+    if seqs.rows is not None:
+        return seqs.rows if seqs.opened is None else seqs.opened, None
+    flat = seqs.flat.detach().numpy() if isinstance(seqs.flat, torch.Tensor) else seqs.flat
+    return flat, seqs.offsets
+
+
+def run(call: Call) -> dict:
+    """Allocates the requested outputs ([B, L] or [B, Ll]) and the extras' ([B, L]), then one psm_fill writes
+    them all. Sizes go to torch.empty as separate ints, which it parses faster than a tuple."""
+    cpu = _native.cpu_module()
+    opts, B, L, Ll = call.opts, call.src.B, call.L, call.Ll
+    tokens, tok_offsets = source(call.src)
+    labels, lab_offsets = source(call.lab) if call.lab is not None else (None, None)
+    masks, mask_offsets = source(call.masks) if call.masks is not None else (None, None)
+    prompt = call.prompt
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.cpu().numpy()
+    outs = {}
+    addr = [0] * len(output_keys())  # the C slots, in slot order; 0 = not requested
+    for key, label_width, slot in call.want:
+        out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=opts.dtype)
+        addr[slot] = out.data_ptr()
+    extra_args, extra_addr = [], []
+    for name, (seqs, pad) in call.extras.items():
+        out = outs[name] = torch.empty(B, L, dtype=opts.dtype)
+        extra_args.append((name, *source(seqs), pad))
+        extra_addr.append(out.data_ptr())
+    # num_threads=None: C++ picks by size, at most torch's intra-op thread count (1 in DataLoader workers).
+    cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, call.kind, labels, lab_offsets, prompt, masks,
+                 mask_offsets, tuple(extra_args), tuple(addr), tuple(extra_addr), *opts.fills, call.num_threads or 0,
+                 torch.get_num_threads())
+    return outs
+
+
+def gather(seqs: Seqs, total: int, opts: Options, is_mask: bool, pin: bool) -> torch.Tensor:
+    """Every example's kept values back to back (`total` of them), in the output dtype, read and validated as
+    psm_fill reads them; `pin`: into pinned memory, ready for an asynchronous copy to a GPU."""
+    out = torch.empty(total, dtype=opts.dtype, pin_memory=pin)
+    obj, offsets = source(seqs)
+    max_length, trunc_left, _ = opts.layout
+    _native.cpu_module().psm_gather(obj, seqs.name, seqs.B, offsets, max_length, trunc_left, out.data_ptr(),
+                                    out.element_size(), int(is_mask))
+    return out
