@@ -29,7 +29,6 @@ tl APIs (Triton 3.6 .. 3.9).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -113,7 +113,7 @@ from . import cuda as _cuda
 from . import reference as _reference
 from . import triton as _triton
 from .device import DeviceLaunch
-from .plan import check_threads, options, output_keys, plan
+from .plan import CPU, check_threads, options, output_keys, prepare
 
 __all__ = ["pad_shift_mask", "DeviceLaunch", "OUTPUT_KEYS"]
 
@@ -131,7 +131,7 @@ def __getattr__(name):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _load_cpu(device: torch.device):
-    if device.type != "cpu":
+    if device is not CPU and device.type != "cpu":
         raise BackendUnavailable(f'backend "cpu" writes CPU tensors, but the output device is {device}')
     if not _native.cpu_available():
         _native.cpu_module()  # raises BackendUnavailable with the diagnostic
@@ -195,7 +195,8 @@ def pad_shift_mask(
     docstring for the exact semantics of every argument and output."""
     opts = options(pad_token_id, label_pad_token_id, padding, max_length, truncation, truncation_side,
                    padding_side, pad_to_multiple_of, decoder_start_token_id, dtype)
-    check_threads(num_threads)
-    call = plan(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_masks, extras, opts, device,
-                return_attention_mask, return_position_ids, return_shift_labels, return_loss_mask, num_threads)
+    if num_threads is not None:
+        check_threads(num_threads)
+    call = prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_masks, extras, opts, device,
+                   return_attention_mask, return_position_ids, return_shift_labels, return_loss_mask, num_threads)
     return DISPATCH.run(backend, call.device, lambda name, launcher: launcher.run(call))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from .plan import Call, Options, Seqs, output_keys
+from .plan import Call, Options, Seqs, is_tensor, output_keys
 
 __all__ = ["run", "gather"]
 
@@ -19,34 +19,38 @@ def source(seqs: Seqs):
     offsets."""
     if seqs.rows is not None:
         return seqs.rows if seqs.opened is None else seqs.opened, None
-    flat = seqs.flat.detach().numpy() if isinstance(seqs.flat, torch.Tensor) else seqs.flat
+    flat = seqs.flat.detach().numpy() if is_tensor(seqs.flat) else seqs.flat
     return flat, seqs.offsets
 
 
 def run(call: Call) -> dict:
     """Allocates the requested outputs ([B, L] or [B, Ll]) and the extras' ([B, L]), then one psm_fill writes
     them all. Sizes go to torch.empty as separate ints, which it parses faster than a tuple."""
-    cpu = _native.cpu_module()
-    opts, B, L, Ll = call.opts, call.src.B, call.L, call.Ll
-    tokens, tok_offsets = source(call.src)
+    cpu = _native.cpu_module_or_none() or _native.cpu_module()
+    opts, src, L, Ll, dtype = call.opts, call.src, call.L, call.Ll, call.opts.dtype
+    B = src.B
+    tokens, tok_offsets = source(src)
     labels, lab_offsets = source(call.lab) if call.lab is not None else (None, None)
     masks, mask_offsets = source(call.masks) if call.masks is not None else (None, None)
     prompt = call.prompt
-    if isinstance(prompt, torch.Tensor):
+    if prompt is not None and is_tensor(prompt):
         prompt = prompt.cpu().numpy()
     outs = {}
     addr = [0] * len(output_keys())  # the C slots, in slot order; 0 = not requested
     for key, label_width, slot in call.want:
-        out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=opts.dtype)
+        out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=dtype)
         addr[slot] = out.data_ptr()
-    extra_args, extra_addr = [], []
-    for name, (seqs, pad) in call.extras.items():
-        out = outs[name] = torch.empty(B, L, dtype=opts.dtype)
-        extra_args.append((name, *source(seqs), pad))
-        extra_addr.append(out.data_ptr())
+    extra_args = extra_addr = ()
+    if call.extras:
+        extra_args, extra_addr = [], []
+        for name, (seqs, pad) in call.extras.items():
+            out = outs[name] = torch.empty(B, L, dtype=dtype)
+            extra_args.append((name, *source(seqs), pad))
+            extra_addr.append(out.data_ptr())
+        extra_args, extra_addr = tuple(extra_args), tuple(extra_addr)
     # num_threads=None: C++ picks by size, at most torch's intra-op thread count (1 in DataLoader workers).
     cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, call.kind, labels, lab_offsets, prompt, masks,
-                 mask_offsets, tuple(extra_args), tuple(addr), tuple(extra_addr), *opts.fills, call.num_threads or 0,
+                 mask_offsets, extra_args, tuple(addr), extra_addr, *opts.fills, call.num_threads or 0,
                  torch.get_num_threads())
     return outs
 

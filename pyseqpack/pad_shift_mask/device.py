@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from .. import _native
-from .plan import LABELS_DERIVED, LABELS_GIVEN, LABELS_NONE, MODE_PADDED, Call, Options, Seqs, kept_counts, \
-    label_width, offsets_of, output_keys
+from .plan import (LABELS_DERIVED, LABELS_GIVEN, LABELS_NONE, MODE_PADDED, Call, Options, Seqs, kept_counts,
+                   label_width, offsets_of, output_keys)
 from .reference import kept_window, row_values
 
 __all__ = ["DeviceLaunch", "check_launch", "run"]

@@ -78,14 +78,16 @@ class Seqs:
     from_rows flat, made by concatenating the caller's tensor rows: the caller's form is rows
     """
 
-    __slots__ = ("name", "rows", "flat", "offsets", "_lengths", "extent", "opened", "from_rows", "device")
+    __slots__ = ("name", "rows", "flat", "offsets", "_lengths", "extent", "opened", "from_rows", "device",
+                 "on_host")
 
     def __init__(self, name: str, rows=None, flat=None, offsets=None, lengths=None, extent=None, opened=None,
                  from_rows=False):
         self.name, self.rows, self.flat, self.offsets, self._lengths, self.extent, self.opened, self.from_rows = (
             name, rows, flat, offsets, lengths, extent, opened, from_rows)
-        # Where the data lies: the device of a flat tensor, else the host.
-        self.device = flat.device if isinstance(flat, torch.Tensor) else CPU
+        # Where the data lies: the device of a flat tensor, else the host (rows are host objects).
+        self.device = CPU if rows is not None or not is_tensor(flat) else flat.device
+        self.on_host = self.device is CPU or self.device.type == "cpu"
 
     def replace(self, **changes) -> "Seqs":
         fields = dict(name=self.name, rows=self.rows, flat=self.flat, offsets=self.offsets, lengths=self._lengths,
@@ -107,12 +109,8 @@ class Seqs:
     def B(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.offsets) - 1
 
-    @property
-    def on_host(self) -> bool:
-        return self.device.type == "cpu"
-
     def host_offsets(self) -> bool:
-        return self.rows is not None or not isinstance(self.offsets, torch.Tensor)
+        return self.rows is not None or not is_tensor(self.offsets)
 
     def row(self, b: int):
         """Example b as a host object (for the reference and the host gather; call to_host() first)."""
@@ -126,6 +124,15 @@ class Seqs:
             return self
         off = self.offsets.cpu().numpy() if isinstance(self.offsets, torch.Tensor) else self.offsets
         return self.replace(flat=self.flat.cpu(), offsets=off, lengths=np.diff(off))
+
+
+def is_tensor(x) -> bool:
+    """isinstance(x, torch.Tensor), answered without torch's instance check for the host objects the op
+    usually gets (lists, tuples, numpy arrays, None): that check runs Python code on every non-tensor."""
+    return type(x) not in _HOST_TYPES and isinstance(x, torch.Tensor)
+
+
+_HOST_TYPES = frozenset((list, tuple, np.ndarray, type(None), int, array.array, bytes))
 
 
 def _is_int_dtype(x) -> bool:
@@ -191,10 +198,16 @@ def _measure_rows(rows, name: str):
 def as_seqs(value, offsets, name: str, offsets_name: str) -> Seqs:
     """Normalises one ragged field (input_ids, labels, loss_masks, an extra), validating its form."""
     if offsets is None and type(value) in (list, tuple) and value:  # the collation hot path: a batch of rows
-        if isinstance(value[0], torch.Tensor):
+        if is_tensor(value[0]):
             seqs = _tensor_row_seqs(value, name)
             if seqs is not None:
                 return seqs
+        else:
+            cpu = _native.cpu_module_or_none()
+            if cpu is not None:  # rows measured and opened in C++ (as _measure_rows does), no Python per row
+                lengths, other, longest, shortest, opened = cpu.psm_row_lengths(value, name)
+                if not other:
+                    return Seqs(name, rows=value, lengths=lengths, extent=(longest, shortest), opened=opened)
         return _row_seqs(value, name)
     if offsets is not None:
         if not isinstance(value, (np.ndarray, torch.Tensor)) or value.ndim != 1:
@@ -298,7 +311,7 @@ def _check_aligned(seqs: Seqs, src: Seqs):
         raise TypeError(f"{seqs.name}: must have the same form as input_ids ({form})")
     if seqs.B != src.B:
         raise ValueError(f"{seqs.name} has {seqs.B} examples but input_ids has {src.B}")
-    if seqs.device != src.device:
+    if not (seqs.on_host and src.on_host) and seqs.device != src.device:
         raise ValueError(f"{seqs.name} is on {seqs.device} but input_ids is on {src.device}")
     if seqs.same_lengths(src):
         return
@@ -322,11 +335,11 @@ def as_int(value, name: str, *, optional: bool = False):
 
 
 def _prompt_lengths(value, B: int):
-    if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+    if is_tensor(value) and value.device.type != "cpu":
         if value.ndim != 1 or value.numel() != B or value.is_floating_point():
             raise ValueError(f"prompt_lengths: expected a 1-D integer tensor of B = {B} entries")
         return value.to(torch.int64)
-    arr = np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value)
+    arr = np.asarray(value.cpu() if is_tensor(value) else value)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise TypeError(f"prompt_lengths: expected a 1-D sequence of ints, got {arr.ndim}-D {arr.dtype}")
     if len(arr) != B:
@@ -480,12 +493,12 @@ def _raise_width(seqs: Seqs, opts: Options, what: str, check_pad: bool):
 
 def _host_widths(src: Seqs, lab: Optional[Seqs], opts: Options, kind: int) -> tuple:
     """(L, Ll) from host lengths, checking every length rule (rows too long, a pad token needed but missing)."""
-    L = _fitted_width(opts, *_extent(src))
+    L = _fitted_width(opts, *(src.extent or _extent(src)))
     if L < 0:
         _raise_width(src, opts, "tokens", True)
     if kind != LABELS_GIVEN:
         return L, L
-    Ll = _fitted_width(opts, _extent(lab)[0])
+    Ll = _fitted_width(opts, (lab.extent or _extent(lab))[0])
     if Ll < 0:
         _raise_width(lab, opts, "labels", False)
     return L, Ll
@@ -507,7 +520,7 @@ def _device_widths(opts: Options) -> tuple:
 # The rules tying the arguments together
 # ---------------------------------------------------------------------------------------------------------------
 
-def _labels_field(labels, label_offsets, B: int, opts: Options, return_shift_labels: bool):
+def _labels_field(labels, label_offsets, src: Seqs, opts: Options, return_shift_labels: bool):
     """(labels kind, the labels field or None), with the rules tying labels to the other arguments."""
     if labels is None:
         kind, lab = LABELS_NONE, None
@@ -519,8 +532,8 @@ def _labels_field(labels, label_offsets, B: int, opts: Options, return_shift_lab
         kind, lab = LABELS_DERIVED, None
     else:
         kind, lab = LABELS_GIVEN, as_seqs(labels, label_offsets, "labels", "label_offsets")
-        if lab.B != B:
-            raise ValueError(f"labels has {lab.B} examples but input_ids has B = {B}")
+        if lab.B != src.B:
+            raise ValueError(f"labels has {lab.B} examples but input_ids has B = {src.B}")
     if kind != LABELS_NONE and opts.label_pad_token_id is None:
         raise ValueError("label_pad_token_id must be an int when labels are returned")
     if kind == LABELS_NONE and (return_shift_labels or opts.decoder_start_token_id is not None):
@@ -607,23 +620,33 @@ class Call:
                                                     device, num_threads)
 
 
-def plan(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_masks, extras, opts: Options, device,
+def prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_masks, extras, opts: Options, device,
          attention, position, shift, loss, num_threads) -> Call:
     """Every input normalised and every rule checked, before any backend runs."""
     src = as_seqs(input_ids, offsets, "input_ids", "offsets")
-    kind, lab = _labels_field(labels, label_offsets, src.B, opts, shift)
-    prompt, masks, extra_seqs = _masks_and_extras(src, kind, offsets, prompt_lengths, loss_masks, extras, loss,
-                                                  opts)
+    kind, lab = _labels_field(labels, label_offsets, src, opts, shift)
+    if prompt_lengths is None and loss_masks is None and not extras and not loss:
+        prompt = masks = None
+        extra_seqs = {}
+    else:
+        prompt, masks, extra_seqs = _masks_and_extras(src, kind, offsets, prompt_lengths, loss_masks, extras, loss,
+                                                      opts)
 
     # devices
-    out_device = src.device if device is None else _resolve_device(device)
-    for seqs in (src, lab, masks, *[s for s, _ in extra_seqs.values()]):
-        if seqs is not None and not seqs.on_host and seqs.device != out_device:
-            raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on a "
-                             "device can only be collated onto that device")
+    if device is None:
+        out_device = src.device
+    elif device is CPU or (type(device) is str and device == "cpu"):
+        out_device = CPU
+    else:
+        out_device = _resolve_device(device)
+    if not (src.on_host and (lab is None or lab.on_host)) or masks is not None or extra_seqs:
+        for seqs in (src, lab, masks, *[s for s, _ in extra_seqs.values()]):
+            if seqs is not None and not seqs.on_host and seqs.device != out_device:
+                raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on "
+                                 "a device can only be collated onto that device")
 
     # widths (every length rule is checked here, before any launch)
-    if src.host_offsets() and (lab is None or lab.host_offsets()):
+    if (src.rows is not None or src.host_offsets()) and (lab is None or lab.rows is not None or lab.host_offsets()):
         L, Ll = _host_widths(src, lab, opts, kind)
     elif opts.padding == "max_length" and not src.host_offsets() and (lab is None or not lab.host_offsets()):
         L, Ll = _device_widths(opts)

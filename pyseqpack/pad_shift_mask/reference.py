@@ -79,7 +79,7 @@ def _ref_pad(x: torch.Tensor, length: int, value, side: str) -> torch.Tensor:
 def reference(src: Seqs, kind: int, lab: Optional[Seqs], prompt, masks: Optional[Seqs], extras, opts: Options,
                want: tuple) -> dict:
     """backend="torch": every output built row by row from the definitions, on the CPU, in int64 (`want`: the
-    requested outputs, from _wanted)."""
+    requested outputs, as Call.want holds them)."""
     want = {key for key, _, _ in want}
     vr = opts.value_range
     side = opts.padding_side
