@@ -27,30 +27,29 @@ def run(call: Call) -> dict:
     """Allocates the requested outputs ([B, L] or [B, Ll]) and the extras' ([B, L]), then one psm_fill writes
     them all. Sizes go to torch.empty as separate ints, which it parses faster than a tuple."""
     cpu = _native.cpu_module_or_none() or _native.cpu_module()
-    opts, src, L, Ll, dtype = call.opts, call.src, call.L, call.Ll, call.opts.dtype
-    B = src.B
-    tokens, tok_offsets = source(src)
-    labels, lab_offsets = source(call.lab) if call.lab is not None else (None, None)
-    masks, mask_offsets = source(call.masks) if call.masks is not None else (None, None)
-    prompt = call.prompt
+    src, kind, lab, prompt, masks, extras, opts, want, L, Ll, B, _, num_threads = call
+    dtype = opts.dtype
+    tokens, tok_offsets = (src.opened, None) if src.opened is not None else source(src)
+    labels, lab_offsets = source(lab) if lab is not None else (None, None)
+    masks, mask_offsets = source(masks) if masks is not None else (None, None)
     if prompt is not None and is_tensor(prompt):
         prompt = prompt.cpu().numpy()
     outs = {}
     addr = [0] * len(output_keys())  # the C slots, in slot order; 0 = not requested
-    for key, label_width, slot in call.want:
+    for key, label_width, slot in want:
         out = outs[key] = torch.empty(B, Ll if label_width else L, dtype=dtype)
         addr[slot] = out.data_ptr()
     extra_args = extra_addr = ()
-    if call.extras:
+    if extras:
         extra_args, extra_addr = [], []
-        for name, (seqs, pad) in call.extras.items():
+        for name, (seqs, pad) in extras.items():
             out = outs[name] = torch.empty(B, L, dtype=dtype)
             extra_args.append((name, *source(seqs), pad))
             extra_addr.append(out.data_ptr())
         extra_args, extra_addr = tuple(extra_args), tuple(extra_addr)
     # num_threads=None: C++ picks by size, at most torch's intra-op thread count (1 in DataLoader workers).
-    cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, call.kind, labels, lab_offsets, prompt, masks,
-                 mask_offsets, extra_args, tuple(addr), extra_addr, *opts.fills, call.num_threads or 0,
+    cpu.psm_fill(B, L, Ll, *opts.layout, tokens, tok_offsets, kind, labels, lab_offsets, prompt, masks,
+                 mask_offsets, extra_args, tuple(addr), extra_addr, *opts.fills, num_threads or 0,
                  torch.get_num_threads())
     return outs
 

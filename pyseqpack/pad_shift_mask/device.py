@@ -281,7 +281,7 @@ def build_launch(call: Call, outputs: dict) -> DeviceLaunch:
 def run(call: Call, launch: Callable[[DeviceLaunch], None]) -> dict:
     """A device backend's run(call): allocates the outputs, builds the DeviceLaunch (host data packed and
     validated on the way) and hands it to `launch`, which checks it (check_launch) before it launches."""
-    B, L, Ll, dtype, device = call.src.B, call.L, call.Ll, call.opts.dtype, call.device
+    B, L, Ll, dtype, device = call.B, call.L, call.Ll, call.opts.dtype, call.device
     outs = {key: torch.empty(B, Ll if wide else L, dtype=dtype, device=device) for key, wide, _ in call.want}
     outputs = dict(outs)
     if call.extras:

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import itertools
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -83,11 +83,21 @@ class Seqs:
 
     def __init__(self, name: str, rows=None, flat=None, offsets=None, lengths=None, extent=None, opened=None,
                  from_rows=False):
-        self.name, self.rows, self.flat, self.offsets, self._lengths, self.extent, self.opened, self.from_rows = (
-            name, rows, flat, offsets, lengths, extent, opened, from_rows)
+        self.name = name
+        self.rows = rows
+        self.flat = flat
+        self.offsets = offsets
+        self._lengths = lengths
+        self.extent = extent
+        self.opened = opened
+        self.from_rows = from_rows
         # Where the data lies: the device of a flat tensor, else the host (rows are host objects).
-        self.device = CPU if rows is not None or not is_tensor(flat) else flat.device
-        self.on_host = self.device is CPU or self.device.type == "cpu"
+        if rows is None and is_tensor(flat):
+            self.device = flat.device
+            self.on_host = self.device.type == "cpu"
+        else:
+            self.device = CPU
+            self.on_host = True
 
     def replace(self, **changes) -> "Seqs":
         fields = dict(name=self.name, rows=self.rows, flat=self.flat, offsets=self.offsets, lengths=self._lengths,
@@ -198,7 +208,8 @@ def _measure_rows(rows, name: str):
 def as_seqs(value, offsets, name: str, offsets_name: str) -> Seqs:
     """Normalises one ragged field (input_ids, labels, loss_masks, an extra), validating its form."""
     if offsets is None and type(value) in (list, tuple) and value:  # the collation hot path: a batch of rows
-        if is_tensor(value[0]):
+        first = value[0]
+        if type(first) not in _HOST_TYPES and isinstance(first, torch.Tensor):  # is_tensor(first)
             seqs = _tensor_row_seqs(value, name)
             if seqs is not None:
                 return seqs
@@ -207,7 +218,7 @@ def as_seqs(value, offsets, name: str, offsets_name: str) -> Seqs:
             if cpu is not None:  # rows measured and opened in C++ (as _measure_rows does), no Python per row
                 lengths, other, longest, shortest, opened = cpu.psm_row_lengths(value, name)
                 if not other:
-                    return Seqs(name, rows=value, lengths=lengths, extent=(longest, shortest), opened=opened)
+                    return Seqs(name, value, None, None, lengths, (longest, shortest), opened)
         return _row_seqs(value, name)
     if offsets is not None:
         if not isinstance(value, (np.ndarray, torch.Tensor)) or value.ndim != 1:
@@ -522,6 +533,9 @@ def _device_widths(opts: Options) -> tuple:
 
 def _labels_field(labels, label_offsets, src: Seqs, opts: Options, return_shift_labels: bool):
     """(labels kind, the labels field or None), with the rules tying labels to the other arguments."""
+    if type(labels) is str and labels == "input_ids" and label_offsets is None and opts.label_pad_token_id is not None and (
+            opts.decoder_start_token_id is None or opts.pad_token_id is not None):
+        return LABELS_DERIVED, None  # the rules below, all met
     if labels is None:
         kind, lab = LABELS_NONE, None
         if label_offsets is not None:
@@ -599,7 +613,7 @@ def _resolve_device(device) -> torch.device:
 # The planned call
 # ---------------------------------------------------------------------------------------------------------------
 
-class Call:
+class Call(NamedTuple):
     """One checked call, what every backend's ``run(call)`` takes.
 
     src, lab, masks  the input_ids, separate labels and loss masks fields (Seqs; lab / masks None when absent)
@@ -608,16 +622,23 @@ class Call:
     extras           {name: (Seqs, pad value)}
     opts             Options;  want: the requested outputs, from _wanted
     L, Ll            widths of the [B, L] and [B, Ll] outputs
+    B                the number of examples
     device           the output device;  num_threads: backend "cpu"'s thread request (None: by size)
     """
 
-    __slots__ = ("src", "kind", "lab", "prompt", "masks", "extras", "opts", "want", "L", "Ll", "device",
-                 "num_threads")
-
-    def __init__(self, src, kind, lab, prompt, masks, extras, opts, want, L, Ll, device, num_threads):
-        (self.src, self.kind, self.lab, self.prompt, self.masks, self.extras, self.opts, self.want, self.L,
-         self.Ll, self.device, self.num_threads) = (src, kind, lab, prompt, masks, extras, opts, want, L, Ll,
-                                                    device, num_threads)
+    src: Seqs
+    kind: int
+    lab: Optional[Seqs]
+    prompt: object
+    masks: Optional[Seqs]
+    extras: dict
+    opts: Options
+    want: tuple
+    L: int
+    Ll: int
+    B: int
+    device: torch.device
+    num_threads: Optional[int]
 
 
 def prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_masks, extras, opts: Options, device,
@@ -639,7 +660,7 @@ def prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_mask
         out_device = CPU
     else:
         out_device = _resolve_device(device)
-    if not (src.on_host and (lab is None or lab.on_host)) or masks is not None or extra_seqs:
+    if masks is not None or extra_seqs or not (src.on_host and (lab is None or lab.on_host)):
         for seqs in (src, lab, masks, *[s for s, _ in extra_seqs.values()]):
             if seqs is not None and not seqs.on_host and seqs.device != out_device:
                 raise ValueError(f"{seqs.name} is on {seqs.device} but the output device is {out_device}: data on "
@@ -658,4 +679,4 @@ def prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_mask
 
     want = _wanted(kind != LABELS_NONE, opts.decoder_start_token_id is not None, bool(attention), bool(shift),
                    bool(position), bool(loss))
-    return Call(src, kind, lab, prompt, masks, extra_seqs, opts, want, L, Ll, out_device, num_threads)
+    return Call(src, kind, lab, prompt, masks, extra_seqs, opts, want, L, Ll, src.B, out_device, num_threads)
