@@ -19,7 +19,7 @@ def source(seqs: Seqs):
     offsets."""
     if seqs.rows is not None:
         return seqs.rows if seqs.opened is None else seqs.opened, None
-    flat = seqs.flat.detach().numpy() if is_tensor(seqs.flat) else seqs.flat
+    flat = seqs.flat.numpy() if is_tensor(seqs.flat) else seqs.flat  # integer tensors never require grad
     return flat, seqs.offsets
 
 

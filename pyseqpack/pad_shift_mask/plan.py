@@ -92,9 +92,9 @@ class Seqs:
         self.opened = opened
         self.from_rows = from_rows
         # Where the data lies: the device of a flat tensor, else the host (rows are host objects).
-        if rows is None and is_tensor(flat):
+        if rows is None and type(flat) not in _HOST_TYPES and isinstance(flat, torch.Tensor):  # is_tensor(flat)
             self.device = flat.device
-            self.on_host = self.device.type == "cpu"
+            self.on_host = flat.is_cpu
         else:
             self.device = CPU
             self.on_host = True
@@ -667,7 +667,8 @@ def prepare(input_ids, offsets, labels, label_offsets, prompt_lengths, loss_mask
                                  "a device can only be collated onto that device")
 
     # widths (every length rule is checked here, before any launch)
-    if (src.rows is not None or src.host_offsets()) and (lab is None or lab.rows is not None or lab.host_offsets()):
+    if (src.rows is not None or type(src.offsets) in _HOST_TYPES or src.host_offsets()) and (
+            lab is None or lab.rows is not None or type(lab.offsets) in _HOST_TYPES or lab.host_offsets()):
         L, Ll = _host_widths(src, lab, opts, kind)
     elif opts.padding == "max_length" and not src.host_offsets() and (lab is None or not lab.host_offsets()):
         L, Ll = _device_widths(opts)
