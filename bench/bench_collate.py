@@ -281,24 +281,25 @@ def _flat_torch(flat, lengths, length, pad):
 
 
 def _launch_only(call, backend):
-    """The kernel launch alone: one op call builds the DeviceLaunch (captured at pyseqpack.pad_shift_mask's
-    _run_device), then each timed call re-launches the kernel on those arguments into the same outputs."""
-    M = sys.modules["pyseqpack.pad_shift_mask"]
-    captured, run_device = {}, M._run_device
+    """The kernel launch alone: one op call builds the DeviceLaunch (captured at the device backends' shared
+    run in pyseqpack/pad_shift_mask/device.py), then each timed call re-launches the kernel on those arguments
+    into the same outputs."""
+    D = sys.modules["pyseqpack.pad_shift_mask.device"]
+    captured, run_device = {}, D.run
 
-    def grab(b, args):
-        captured["args"] = args
-        run_device(b, args)
+    def grab(c, launch):
+        return run_device(c, lambda args: (captured.setdefault("args", args), launch(args)))
 
-    M._run_device = grab
+    D.run = grab
     try:
         call()
     finally:
-        M._run_device = run_device
+        D.run = run_device
     args = captured["args"]
     if backend == "cuda":
-        launcher = M._cuda_kernel()[0]
-        launch = lambda: launcher.launch(args, check=False)  # noqa: E731
+        from pyseqpack.pad_shift_mask import cuda as launcher
+
+        launch = lambda: launcher.launch(args)  # noqa: E731
     else:
         from pyseqpack.kernels import pad_shift_mask as triton_kernel
 

@@ -1,5 +1,5 @@
 // CUDA backend of pyseqpack.pad_shift_mask: every padded output of a batch in one launch.
-// pyseqpack/pad_shift_mask_cuda.py calls the C entry point at the bottom of this file through ctypes.
+// pyseqpack/pad_shift_mask/cuda.py calls the C entry point at the bottom of this file through ctypes.
 //
 // Inputs, all on the device: int64 offsets [B + 1] into a flat token buffer [T]; optionally loss masks [T]
 // and extra fields [E, T] aligned with the tokens (same indices); optionally separate labels [Tl] with their
@@ -44,11 +44,10 @@
 
 namespace {
 
-// Output slots, in the order of the C ABI's `outs` array (pyseqpack/pad_shift_mask_cuda.py holds the same
-// table; it is also the order of pyseqpack.pad_shift_mask.OUTPUT_KEYS).
-enum Out : int { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
+// Output slots, in the order of the C ABI's `outs` array: psm::Out of pad_shift_mask.h.
+using psm::kAttn, psm::kDecoder, psm::kIds, psm::kLabels, psm::kLoss, psm::kNumOut, psm::kPos, psm::kShift;
 
-// Element type codes of the C ABI (pyseqpack/pad_shift_mask_cuda.py holds the same table).
+// Element type codes of the C ABI (pyseqpack/pad_shift_mask/cuda.py holds the same table).
 enum TypeCode : int { kInt64 = 0, kInt32 = 1, kUInt8 = 2 };
 
 // Threads per block, one column each: 256 threads x 8 blocks fill an SM. Rows narrower than that get a block
@@ -220,9 +219,8 @@ bool is_int_code(int code) { return code == kInt64 || code == kInt32; }
 //                   derived labels only
 //   labels_kind     0 none, 1 derived from tokens, 2 given in `labels`
 //   labels          [n_labels] device pointer, type labels_code (0 int64, 1 int32); labels_kind 2 only
-//   outs            host array of 7 device pointers, NULL = not requested: input_ids [B, L], attention_mask
-//                   [B, L], labels [B, Ll], decoder_input_ids [B, Ll], shift_labels [B, Ll], position_ids
-//                   [B, L], loss_mask [B, L]
+//   outs            host array of kNumOut device pointers in slot order (psm::kOutputNames), NULL = not
+//                   requested; [B, Ll] for the label slots (psm::label_width), else [B, L]
 //   extras          [n_extras, n_tokens] device pointer, type extras_code (0 int64, 1 int32), aligned with the
 //                   tokens; extra_pads [n_extras] int64 device pointer; extras_out [n_extras, B, L] device pointer
 //   pad_token_id, label_pad_token_id, decoder_start_token_id   as in pad_shift_mask.h

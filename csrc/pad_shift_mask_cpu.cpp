@@ -134,14 +134,14 @@ struct Field {
 // ---- numpy rows, read without numpy's headers ----------------------------------------------------------------
 //
 // The build needs nothing but Python's headers, so buffers are opened through the buffer protocol. For numpy
-// rows that costs about 60 ns a row (95 ns for an array numpy has not exported before: it builds the format
-// string), most of the per-row cost of a numpy batch. The leading fields of numpy's array and dtype objects
+// rows that is most of the per-row cost of a numpy batch: a call through numpy's exporter, which builds a
+// format string the first time an array is exported. The leading fields of numpy's array and dtype objects
 // have one layout in numpy 1.x and 2.x (numpy's ABI: its PyArray_DATA, PyArray_NDIM, ... accessors read them):
 //   array  PyObject_HEAD, char* data, int nd, npy_intp* dimensions, npy_intp* strides, PyObject* base,
 //          PyArray_Descr* descr, int flags
 //   dtype  PyObject_HEAD, PyTypeObject* typeobj, char kind, char type, char byteorder, char flags, int type_num
 // so an exact numpy.ndarray of one dimension and a builtin integer type in native byte order is read from
-// them (a few ns); anything else goes through the buffer protocol. Each entry point first makes sure this
+// a few pointer reads; anything else goes through the buffer protocol. Each entry point first makes sure this
 // layout was checked against the buffer protocol on probe arrays, once numpy is imported (no array exists
 // before), and before it reads any row: the check runs Python code. The fast path stays off if anything
 // differs.
@@ -440,7 +440,7 @@ bool read_buffer(const RowSource& s, const Field& f, int64_t b, int64_t start, i
 }
 
 // A Python int of one internal digit (|v| < 2**30: every token id) read without a call; false for anything else.
-// Saves about a third of the per-token cost of list input over PyLong_AsLongLongAndOverflow.
+// It reads the digit in place, where PyLong_AsLongLongAndOverflow is a call with overflow bookkeeping per token.
 inline bool compact_long(PyObject* o, long long* v) {
 #if PY_VERSION_HEX >= 0x030C0000
   if (!PyLong_CheckExact(o) || !PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
@@ -607,7 +607,7 @@ void raise_failure(const Failure& fl) {
 #endif
 #define PSM_ALWAYS_INLINE inline __attribute__((always_inline))
 
-enum Out { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
+using psm::kAttn, psm::kDecoder, psm::kIds, psm::kLabels, psm::kLoss, psm::kNumOut, psm::kPos, psm::kShift;
 
 // One example: its Row (psm::plan_row, with kept <= width checked), its staged inputs (row pointers indexed by
 // the kept index) and its output rows.
@@ -753,7 +753,7 @@ struct Problem {
       return false;
     if (kind == psm::kGivenLabels && !stage(*lab, b, lab_rel, r.lab_kept, s.lab, &job.lab, fl)) return false;
     for (int i = 0; i < kNumOut; ++i) {
-      const int64_t width = (i == kLabels || i == kShift || i == kDecoder) ? Ll : L;
+      const int64_t width = psm::label_width(i) ? Ll : L;
       job.out[i] = out[i] ? static_cast<char*>(out[i]) + b * width * itemsize : nullptr;
     }
     (itemsize == 4 ? write_outputs_i32 : write_outputs_i64)(job);
@@ -833,10 +833,10 @@ void set_range(Field& f, int64_t itemsize, bool is_mask) {
 }
 
 // Threads for one fill: `requested` (> 0) exactly, at most one per example; else (0) by size, at most
-// `max_threads` (Python passes torch.get_num_threads(), which DataLoader workers set to 1). A std::thread costs
-// tens of microseconds and the threads share the memory bandwidth: measured on a 2-core x86-64 box, a second
-// thread slowed a 6 MB batch by 20% and sped a 12 MB one up by 15%, hence one thread per 4 MB (2^19 int64
-// output elements) of work.
+// `max_threads` (Python passes torch.get_num_threads(), which DataLoader workers set to 1). Starting a
+// std::thread costs about as much as writing a few hundred kilobytes, and the threads share the memory
+// bandwidth, so a thread only pays off with megabytes to write: one thread per 2^19 output elements (4 MB of
+// int64) of work, and a single thread below twice that.
 int64_t choose_threads(int64_t requested, int64_t max_threads, int64_t B, int64_t work) {
   if (requested > 0) return std::max<int64_t>(1, std::min(requested, B));
   const int64_t per_thread = int64_t{1} << 19;
@@ -854,6 +854,21 @@ int64_t choose_threads(int64_t requested, int64_t max_threads, int64_t B, int64_
 PyObject* numpy_rows_fast(PyObject*, PyObject*) {
   ensure_numpy_checked(true);
   return PyBool_FromLong(g_numpy_state == 1);
+}
+
+// psm_output_keys() -> tuple of str: the output slots in kernel order (psm::kOutputNames).
+PyObject* psm_output_keys(PyObject*, PyObject*) {
+  PyObject* keys = PyTuple_New(kNumOut);
+  if (keys == nullptr) return nullptr;
+  for (int i = 0; i < kNumOut; ++i) {
+    PyObject* name = PyUnicode_FromString(psm::kOutputNames[i]);
+    if (name == nullptr) {
+      Py_DECREF(keys);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(keys, i, name);
+  }
+  return keys;
 }
 
 // psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool, longest, shortest, opened).
@@ -939,8 +954,8 @@ PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 //   loss_masks     None, or 0/1 values with the tokens' lengths, as rows or flat with mask_offsets (each field
 //                  has its own form: CPU tensor rows arrive concatenated, beside list rows)
 //   extras         tuple of (name, values with the tokens' lengths, their offsets or None, pad value)
-//   outs           tuple of 7 addresses (0 = not requested): input_ids, attention_mask, labels,
-//                  decoder_input_ids, shift_labels, position_ids, loss_mask; [B, L] or [B, Ll], C-contiguous
+//   outs           tuple of kNumOut addresses (0 = not requested), in slot order (psm::kOutputNames);
+//                  [B, L] or [B, Ll] (psm::label_width), C-contiguous
 //   extra_outs     tuple of addresses, one [B, L] output per extra
 //   out_itemsize   4 (int32 outputs) or 8 (int64)
 //   num_threads    > 0: that many threads; 0: automatic (by size), at most max_threads. Threads are only
@@ -1001,7 +1016,7 @@ PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject *extras = args[kExtras], *outs = args[kOuts], *extra_outs = args[kExtraOuts];
   if (!PyTuple_Check(extras) || !PyTuple_Check(outs) || !PyTuple_Check(extra_outs) ||
       PyTuple_GET_SIZE(outs) != kNumOut || PyTuple_GET_SIZE(extra_outs) != PyTuple_GET_SIZE(extras)) {
-    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: extras, outs, extra_outs must be tuples (outs of 7)");
+    PyErr_SetString(PyExc_TypeError, "pyseqpack._C.psm_fill: extras, outs, extra_outs must be tuples (outs: one per output slot)");
     return nullptr;
   }
   const Py_ssize_t E = PyTuple_GET_SIZE(extras);

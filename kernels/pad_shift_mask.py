@@ -29,11 +29,12 @@ tl APIs (Triton 3.6 .. 3.9).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from .. import _native
+from ..pad_shift_mask.device import check_launch
+from ..pad_shift_mask.plan import output_keys
 
 # Largest column block; a block covers a whole row when L <= this.
 MAX_BLOCK = 1024
@@ -111,8 +112,8 @@ def _pad_shift_mask_kernel(
     lab_ptr         int32/int64 [n_lab]   separate labels, lab_offsets_ptr int64 [B + 1] (LABELS == 2)
     prompt_ptr      int64 [B]             prompt lengths, in original token indices (HAS_PROMPT)
     ex_ptr          [NUM_EXTRAS, n_tok]   extras aligned with the tokens; ex_pad_ptr int64 [NUM_EXTRAS]
-    *_ptr outs      int32/int64, C-contiguous: ids/attn/pos/loss [B, L], labels/dec/shift [B, Ll],
-                    ex_out [NUM_EXTRAS, B, L]
+    *_ptr outs      int32/int64, C-contiguous: ids/attn/pos/loss [B, L], labels/dec/shift [B, Ll], in the
+                    output slot order of csrc/pad_shift_mask.h (psm::kOutputNames); ex_out [NUM_EXTRAS, B, L]
     max_length      truncation to it, -1 for none; TRUNC_LEFT / PAD_LEFT: the sides
     LABELS          0 none, 1 derived from tokens, 2 given;   WRITE_*: which outputs exist
     Unused pointers may alias any tensor: they are never dereferenced.
@@ -212,48 +213,16 @@ def _pad_shift_mask_kernel(
             tl.store(dec_ptr + lab_off, tl.where(dec == -100, pad_id, dec), mask=in_lab)
 
 
-def _check(t, name: str, shape: tuple, dtypes: tuple, device: torch.device) -> None:
-    """A DeviceLaunch tensor the kernel indexes by these sizes: a wrong one would read or write out of bounds."""
-    if t is None:
-        raise ValueError(f"DeviceLaunch.{name}: missing (expected {tuple(shape)})")
-    if tuple(t.shape) != tuple(shape) or t.dtype not in dtypes or t.device != device or not t.is_contiguous():
-        raise ValueError(f"DeviceLaunch.{name}: expected a contiguous {'/'.join(map(str, dtypes))} tensor of shape "
-                         f"{tuple(shape)} on {device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-
-
 def launch(args) -> None:
-    """Enqueues the kernel for a ``pyseqpack.pad_shift_mask.DeviceLaunch`` (no sync)."""
-    if args.mode != 0:
-        raise NotImplementedError("pad_shift_mask: only the padded mode (0) is built; packed mode is reserved")
-    if args.labels_kind not in (0, 1, 2):
-        raise ValueError(f"DeviceLaunch.labels_kind: expected 0, 1 or 2, got {args.labels_kind!r}")
+    """Enqueues the kernel for a DeviceLaunch (pyseqpack/pad_shift_mask/device.py), no sync, after
+    check_launch: ValueError naming a bad field, before anything is launched."""
+    check_launch(args)
     out = args.outputs
-    ids = out["input_ids"]
-    device = ids.device
-    i64, ints = (torch.int64,), (torch.int32, torch.int64)
-    if args.offsets.ndim != 1:
-        raise ValueError(f"DeviceLaunch.offsets: expected a 1-D [B + 1] tensor, got shape {tuple(args.offsets.shape)}")
+    device = args.tokens.device
     B, L, Ll = args.offsets.shape[0] - 1, args.L, args.Ll
     n_tok = args.tokens.shape[0]
     n_lab = 0 if args.labels is None else args.labels.shape[0]
     n_extras = 0 if args.extras is None else args.extras.shape[0]
-    _check(args.offsets, "offsets", (B + 1,), i64, device)
-    _check(args.tokens, "tokens", (n_tok,), ints, device)
-    for key, t in out.items():
-        if key != "extras":
-            width = Ll if key in ("labels", "decoder_input_ids", "shift_labels") else L
-            _check(t, f"outputs[{key!r}]", (B, width), ints, device)
-    if args.loss_masks is not None:
-        _check(args.loss_masks, "loss_masks", (n_tok,), (torch.uint8,) + ints, device)
-    if args.labels_kind == 2:
-        _check(args.labels, "labels", (n_lab,), ints, device)
-        _check(args.label_offsets, "label_offsets", (B + 1,), i64, device)
-    if args.prompt_lengths is not None:
-        _check(args.prompt_lengths, "prompt_lengths", (B,), i64, device)
-    if n_extras:
-        _check(args.extras, "extras", (n_extras, n_tok), ints, device)
-        _check(args.extra_pads, "extra_pads", (n_extras,), i64, device)
-        _check(out.get("extras"), "outputs['extras']", (n_extras, B, L), ints, device)
     width = max(L, Ll)
     if B <= 0 or width == 0:
         return
@@ -264,14 +233,13 @@ def launch(args) -> None:
         return any_tensor if t is None else t
 
     grid = (B, triton.cdiv(width, block))
+    keys = output_keys()  # the kernel's output pointers come in slot order
     with _native.device_guard(device):
         _pad_shift_mask_kernel[grid](
             args.offsets, args.tokens, n_tok, ptr(args.loss_masks),
             ptr(args.labels), ptr(args.label_offsets), n_lab,
             ptr(args.prompt_lengths), ptr(args.extras), ptr(args.extra_pads),
-            ids, ptr(out.get("attention_mask")), ptr(out.get("labels")), ptr(out.get("decoder_input_ids")),
-            ptr(out.get("shift_labels")), ptr(out.get("position_ids")), ptr(out.get("loss_mask")),
-            ptr(out.get("extras")),
+            *[ptr(out.get(k)) for k in keys], ptr(out.get("extras")),
             B, L, Ll, args.max_length, args.pad_token_id, args.label_pad_token_id, args.decoder_start_token_id,
             LABELS=args.labels_kind, HAS_MASK=args.loss_masks is not None, HAS_PROMPT=args.prompt_lengths is not None,
             NUM_EXTRAS=n_extras, TRUNC_LEFT=bool(args.truncate_left), PAD_LEFT=bool(args.pad_left),

@@ -1,4 +1,4 @@
-"""The CUDA pad_shift_mask backend (csrc/pad_shift_mask.cu via pyseqpack.pad_shift_mask_cuda) against torch.
+"""The CUDA pad_shift_mask backend (csrc/pad_shift_mask.cu via pyseqpack/pad_shift_mask/cuda.py) against torch.
 
 Every GPU test compares the CUDA kernel with the plain reference backend="torch" on the same batch and requires
 identical outputs (same keys, dtypes and values): exact integer results, so no tolerance. Two ways in: the op,
@@ -6,8 +6,8 @@ pad_shift_mask(..., backend="cuda"), and the launcher with a DeviceLaunch built 
 arguments (flat buffers and their offsets; the kernel plans every row itself), which also feeds the kernel
 untrusted offsets and prompt lengths. Tests that need a CUDA device are skipped without one; the rest run
 everywhere: the library exports the entry point, the C entry point refuses bad arguments before any CUDA call,
-the launcher rejects every malformed DeviceLaunch field with a ValueError naming it, and its unchecked hot path
-builds the C arguments in the order of the C signature.
+the launcher rejects every malformed DeviceLaunch field with a ValueError naming it, and it builds the C
+arguments in the order of the C signature.
 
 The op grid, and why: padding side x truncation (none / right / left) x labels (none / derived with prompt
 lengths and loss masks / separate labels) x output dtype x input form. The forms reach each buffer type the
@@ -15,7 +15,7 @@ kernel dispatches on: Python lists (packed into one buffer of the output dtype),
 tensors with host offsets (int32 extras and labels beside int64 tokens, bool and int32 loss masks), and flat
 int64 tokens with device offsets, which the kernel plans from directly. The batch shapes put rows of length 0
 next to rows that span one, two and four 256-column tiles (B = 1, 3, 29). The launcher grid crosses the same
-sides, truncations and labels with every token / output / side buffer / loss mask type and both launch paths.
+sides, truncations and labels with every token / output / side buffer / loss mask type.
 
 The case builders here (make_case, launch_case, bad_offsets_cases, clamped_prompts_case, _device_launch,
 assert_refuses_bad_arguments, ...) also drive tests/test_pad_shift_mask_cuda_emulated.py, which runs the same
@@ -47,9 +47,9 @@ LABEL_MODES = ("none", "derived", "given")
 
 
 def _cuda_launcher():
-    from pyseqpack import pad_shift_mask_cuda
+    from pyseqpack.pad_shift_mask import cuda
 
-    return pad_shift_mask_cuda
+    return cuda
 
 
 # ------------------------------------------------------------------------------------------- random batches
@@ -250,14 +250,13 @@ BUFFER_TYPES = [
 
 
 @needs_gpu
-@pytest.mark.parametrize("check", [True, False])
 @pytest.mark.parametrize("types", BUFFER_TYPES, ids=lambda t: "-".join(str(d)[6:] for d in t))
 @pytest.mark.parametrize("label_mode", LABEL_MODES)
 @pytest.mark.parametrize("truncation", TRUNCATIONS)
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_launch_matches_torch(side, truncation, label_mode, types, check):
+def test_launch_matches_torch(side, truncation, label_mode, types):
     kw, ref, args = launch_case(side, truncation, label_mode, types, "cuda")
-    _cuda_launcher().launch(args, check=check)
+    _cuda_launcher().launch(args)
     _assert_written(args, kw, ref)
 
 
@@ -346,8 +345,7 @@ def clamped_prompts_case(truncation, device):
 
 
 @needs_gpu
-@pytest.mark.parametrize("check", [True, False])
-def test_launch_is_capturable_in_a_cuda_graph(check):
+def test_launch_is_capturable_in_a_cuda_graph():
     # No host sync in the launcher or the kernel: it records into a graph, and each replay reads the buffers
     # anew, offsets included (the kernel plans the rows at run time).
     rows = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -356,11 +354,11 @@ def test_launch_is_capturable_in_a_cuda_graph(check):
     ref = pad_shift_mask(backend="torch", **kw)
     args = _device_launch(kw, ref, "cuda")
     launcher = _cuda_launcher()
-    launcher.launch(args, check=check)  # warm-up outside the capture
+    launcher.launch(args)  # warm-up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        launcher.launch(args, check=check)
+        launcher.launch(args)
     new_tokens, new_offsets = _flat(new_rows, torch.int64, "cuda", True)
     args.tokens.copy_(new_tokens)
     args.offsets.copy_(new_offsets)
@@ -564,18 +562,18 @@ def test_launcher_checks_labels_and_devices():
 
 
 @pytest.mark.parametrize("kind", [0, 1, 2])
-def test_unchecked_arguments_follow_the_c_signature(kind):
-    # launch(check=False), the op's hot path, skips the checks (launch(check=True) checks, then builds the same
-    # list): the arguments it hands the C entry point, against the C signature's arguments written out by name.
+def test_c_arguments_follow_the_c_signature(kind):
+    # launch() checks the DeviceLaunch, then builds this list: the arguments it hands the C entry point, against
+    # the C signature's arguments written out by name.
     launcher = _cuda_launcher()
     args = _valid_cpu_args(kind)
-    unchecked = [tuple(v) if isinstance(v, ctypes.Array) else v for v in launcher._c_arguments(args)]
+    c_args = [tuple(v) if isinstance(v, ctypes.Array) else v for v in launcher._c_arguments(args)]
 
     def ptr(t):
         return None if t is None else t.data_ptr()
 
     lab, out = args.labels, args.outputs
-    assert unchecked == [
+    assert c_args == [
         ptr(args.offsets), ptr(args.label_offsets), ptr(args.prompt_lengths), 2,  # B
         8, args.Ll, 4, True, False,  # L (max_length 4 rounded up to 8), Ll, max_length, trunc_left, pad_left
         ptr(args.tokens), 5, 0,  # tokens, n_tokens, int64
@@ -587,4 +585,4 @@ def test_unchecked_arguments_follow_the_c_signature(kind):
         0,  # int64 outputs
     ]
     if _native.cuda_built():
-        assert len(launcher._lib().pyseqpack_psm_fill.argtypes) == len(unchecked) + 1  # + the stream
+        assert len(launcher._lib().pyseqpack_psm_fill.argtypes) == len(c_args) + 1  # + the stream

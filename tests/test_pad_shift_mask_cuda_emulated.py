@@ -5,7 +5,7 @@ csrc/cuda_common.cu), as host C++ with g++, against a shim of the few CUDA piece
 (tests/cuda_host_emulation/: cuda_runtime.h, emulation.cpp). Only its one launch line,
 `kernel<<<grid, block, shared, stream>>>(args);`, is rewritten (in a temporary copy), into a call that checks the
 launch geometry and then runs every thread of the grid, one after the other. The library is driven through the
-real Python launcher (pyseqpack.pad_shift_mask_cuda: its checks, its C argument packing, the same ctypes
+real Python launcher (pyseqpack/pad_shift_mask/cuda.py: its checks, its C argument packing, the same ctypes
 signature) and, for the op tests, through pad_shift_mask(..., backend="cuda") itself on CPU tensors (only the
 device test and the final launch call are redirected). Every output must equal
 pad_shift_mask(..., backend="torch") exactly (same dtype, shape and values).
@@ -45,6 +45,7 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,8 +53,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import test_pad_shift_mask_cuda as cases  # the GPU test's case generators (tests/ is on pythonpath)
-from pyseqpack import pad_shift_mask_cuda as launcher
 from pyseqpack.pad_shift_mask import OUTPUT_KEYS, DeviceLaunch, pad_shift_mask
+from pyseqpack.pad_shift_mask import cuda as launcher
+from pyseqpack.pad_shift_mask import device as device_launch
 
 PSM = importlib.import_module("pyseqpack.pad_shift_mask")  # the module (pyseqpack.pad_shift_mask is the function)
 
@@ -205,11 +207,11 @@ def _poison(dtype) -> int:
 
 
 def launch_emulated(emu: Emulator, args: DeviceLaunch, reverse: bool = False) -> None:
-    """What pad_shift_mask_cuda.launch(args, check=True) does, on the emulated library: the launcher's checks and
+    """What the CUDA launcher's launch(args) does, on the emulated library: the launcher's checks and
     C arguments, then the call (stream NULL); the outputs land in args.outputs. Also checks the launch geometry,
     and that the kernel writes nothing next to an output: every buffer is copied between guard bands of POISON,
     and an output's bands must stay as they are (a value read from an input's band shows up in the outputs)."""
-    launcher._check(args)  # what launch(check=True) checks: ValueError naming a bad field
+    launcher.check_launch(args)  # what launch() checks: ValueError naming a bad field
     wholes, copies = [], {}
     for name in ("tokens", "offsets", "loss_masks", "labels", "label_offsets", "prompt_lengths", "extras",
                  "extra_pads"):
@@ -244,20 +246,15 @@ def launch_emulated(emu: Emulator, args: DeviceLaunch, reverse: bool = False) ->
 def cuda_op_on_cpu(emu, monkeypatch):
     """pad_shift_mask(..., backend="cuda") on CPU tensors: the op's own code builds the DeviceLaunch (host
     packing, widths, outputs), the emulated kernel writes them."""
-    select, run = PSM._select_backend, PSM._run_device
     runs = []  # the DeviceLaunch of each emulated launch
 
-    def select_backend(backend, device):
-        return "cuda" if backend == "cuda" else select(backend, device)
-
-    def run_device(backend, args):
-        if backend != "cuda":
-            return run(backend, args)
+    def launch(args):
         runs.append(args)
-        launch_emulated(emu, args)  # with the launcher's checks, which the op skips (check=False)
+        launch_emulated(emu, args)  # with the launcher's checks
 
-    monkeypatch.setattr(PSM, "_select_backend", select_backend)
-    monkeypatch.setattr(PSM, "_run_device", run_device)
+    # The CUDA backend's launcher, its launch emulated: registered for any device, CPU included.
+    emulated = SimpleNamespace(run=lambda call: device_launch.run(call, launch))
+    monkeypatch.setitem(PSM.DISPATCH._loaders, "cuda", lambda device: emulated)
     return runs
 
 
