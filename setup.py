@@ -15,6 +15,7 @@ Environment switches:
   MAX_JOBS=N                parallel nvcc jobs (default: number of CPUs)
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,15 @@ def _sources(suffix):
     return sorted(
         os.path.join(CSRC, f) for f in os.listdir(os.path.join(ROOT, CSRC)) if f.endswith(suffix)
     )
+
+
+def _psm_output_keys():
+    with open(os.path.join(ROOT, CSRC, "pad_shift_mask.h")) as f:
+        text = f.read()
+    names = re.search(r"kOutputNames\[kNumOut\]\s*=\s*\{(.*?)\};", text, re.S)
+    if names is None:
+        raise RuntimeError("csrc/pad_shift_mask.h: psm::kOutputNames not found")
+    return tuple(re.findall(r'"(\w+)"', names.group(1)))
 
 
 CXX_FLAGS = ["-O3", "-std=c++17", "-fvisibility=hidden", "-pthread", "-Wall", "-Wno-unused-function"]
@@ -132,9 +142,12 @@ class BuildExt(build_ext):
         self.cuda_info = {"nvcc": ver[-1] if ver else "?", "archs": archs}
 
     def _write_build_info(self):
-        # Build metadata next to the modules; pyseqpack checks it at import to catch a stale build.
+        # Build metadata next to the modules; pyseqpack checks it at import to catch a stale build. It also carries
+        # pad_shift_mask's output slot names, read from the one place they are written (csrc/pad_shift_mask.h),
+        # so Python numbers the outputs as the kernels do without loading native code.
         info = {
             "version": VERSION,
+            "psm_output_keys": _psm_output_keys(),
             "cuda_built": self.built_cuda,
             "cuda": self.cuda_info,
             "compiler": self.compiler.compiler_cxx[0] if getattr(self.compiler, "compiler_cxx", None) else "?",

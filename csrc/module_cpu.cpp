@@ -6,7 +6,6 @@
 #include <Python.h>
 
 // csrc/pad_shift_mask_cpu.cpp
-PyObject* psm_output_keys(PyObject*, PyObject*);
 PyObject* psm_row_lengths(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_fill(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* psm_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs);
@@ -15,8 +14,6 @@ PyObject* numpy_rows_fast(PyObject*, PyObject*);
 #define PSM_FASTCALL(f) reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)), METH_FASTCALL
 
 static PyMethodDef kMethods[] = {
-    {"psm_output_keys", psm_output_keys, METH_NOARGS,
-     "psm_output_keys() -> tuple of str: pad_shift_mask's output slots in kernel order (csrc/pad_shift_mask.h)"},
     {"psm_row_lengths", PSM_FASTCALL(psm_row_lengths),
      "psm_row_lengths(rows, name) -> (row lengths, other, longest, shortest, opened rows) (pad_shift_mask)"},
     {"psm_fill", PSM_FASTCALL(psm_fill), "psm_fill(...): pad_shift_mask's one-pass CPU kernel (see its source)"},

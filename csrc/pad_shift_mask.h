@@ -71,8 +71,8 @@ namespace psm {
 enum Mode : int32_t { kPadded = 0, kPacked = 1 /* reserved, not built */ };
 
 // The outputs, in slot order. Every kernel numbers its outputs so (the `outs` array of the CUDA entry point, the
-// `outs` tuple of psm_fill), and Python takes the names from the C++ module (pyseqpack._C.psm_output_keys()),
-// so this is the one place the order is written.
+// `outs` tuple of psm_fill), and setup.py copies the names into pyseqpack/_build_info.py for Python, so this
+// is the one place the order is written.
 enum Out : int32_t { kIds, kAttn, kLabels, kDecoder, kShift, kPos, kLoss, kNumOut };
 constexpr const char* kOutputNames[kNumOut] = {"input_ids",    "attention_mask", "labels",   "decoder_input_ids",
                                                "shift_labels", "position_ids",   "loss_mask"};

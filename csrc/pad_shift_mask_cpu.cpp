@@ -856,21 +856,6 @@ PyObject* numpy_rows_fast(PyObject*, PyObject*) {
   return PyBool_FromLong(g_numpy_state == 1);
 }
 
-// psm_output_keys() -> tuple of str: the output slots in kernel order (psm::kOutputNames).
-PyObject* psm_output_keys(PyObject*, PyObject*) {
-  PyObject* keys = PyTuple_New(kNumOut);
-  if (keys == nullptr) return nullptr;
-  for (int i = 0; i < kNumOut; ++i) {
-    PyObject* name = PyUnicode_FromString(psm::kOutputNames[i]);
-    if (name == nullptr) {
-      Py_DECREF(keys);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(keys, i, name);
-  }
-  return keys;
-}
-
 // psm_row_lengths(rows, name) -> (bytes of len(rows) int64 lengths, other: bool, longest, shortest, opened).
 // Checks that every row is a list / tuple, a 1-D integer buffer or another sequence (error names `name[b]`);
 // reads no element. `other` is True when some row is neither a list / tuple nor a buffer (e.g. a tensor, which

@@ -89,19 +89,22 @@ class Dispatcher:
         return self.candidates(backend, device)[0]
 
     def run(self, backend, device: torch.device, call: Callable):
-        """``call(name, launcher)`` on the chosen backend, falling back under "auto" as the module docstring says."""
-        self._check_name(backend)
-        found = self.candidates(backend, device)
-        for i, (name, launcher) in enumerate(found):
-            try:
-                return call(name, launcher)
-            except _CALLER_ERRORS:
+        """``call(name, launcher)`` on the chosen backend, falling back under "auto" as the module docstring says.
+        "auto" on a device seen before costs one dictionary lookup before the call."""
+        found = self._auto_cache.get(device) if type(backend) is str and backend == "auto" else None
+        if found is None:
+            self._check_name(backend)
+            found = self.candidates(backend, device)
+        name, launcher = found[0]
+        try:
+            return call(name, launcher)
+        except _CALLER_ERRORS:
+            raise
+        except Exception as e:  # noqa: BLE001 - a failing native backend under "auto" hands over to the next
+            if backend != "auto" or len(found) == 1:
                 raise
-            except Exception as e:  # noqa: BLE001 - a failing native backend under "auto" hands over to the next
-                if backend != "auto" or i == len(found) - 1:
-                    raise
-                self.mark_broken(name, e)
-        raise AssertionError("unreachable: the reference is always a candidate")
+            self.mark_broken(name, e)
+        return self.run(backend, device, call)  # the next candidate: `name` is no longer among them
 
     def mark_broken(self, name: str, error: BaseException) -> None:
         """Skip ``name`` under "auto" from now on (a compile or launch failure that is not the caller's)."""

@@ -119,8 +119,8 @@ __all__ = ["pad_shift_mask", "DeviceLaunch", "OUTPUT_KEYS"]
 
 
 def __getattr__(name):
-    # OUTPUT_KEYS, the output slots in kernel order, comes from the C++ module: read on first use, so that
-    # importing pyseqpack loads no native code.
+    # OUTPUT_KEYS, the output slots in kernel order, comes from the build info (plan.output_keys), read on first
+    # use.
     if name == "OUTPUT_KEYS":
         return output_keys()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,29 +30,13 @@ _LABEL_WIDTH = ("labels", "decoder_input_ids", "shift_labels")  # [B, Ll] output
 @functools.lru_cache(maxsize=None)
 def output_keys() -> tuple:
     """The output slots, in the order every kernel numbers them: psm::kOutputNames of csrc/pad_shift_mask.h,
-    as the C++ module exports it. Without the C++ module (a build with no C++ compiler) the header itself is
-    read from the source tree."""
-    cpu = _native.cpu_module_or_none()
-    if cpu is not None and hasattr(cpu, "psm_output_keys"):
-        return tuple(cpu.psm_output_keys())
-    return _keys_from_header()
-
-
-def _keys_from_header() -> tuple:
-    import os
-    import re
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    header = os.path.join(here, "..", "..", "csrc", "pad_shift_mask.h")
-    try:
-        with open(header) as f:
-            text = f.read()
-    except OSError:
+    which setup.py copies into the build info (no native code is loaded to read them)."""
+    keys = _native.build_info().get("psm_output_keys")
+    if not keys:
         raise _native.BackendUnavailable(
-            "pad_shift_mask: its output slots are defined in csrc/pad_shift_mask.h, which the C++ module "
-            f"pyseqpack._C exports; neither is available here. {_native._REBUILD_HINT}") from None
-    names = re.search(r"kOutputNames\[kNumOut\]\s*=\s*\{(.*?)\};", text, re.S).group(1)
-    return tuple(re.findall(r'"(\w+)"', names))
+            "pad_shift_mask: the build info holds no output slots (a build older than this pyseqpack). "
+            + _native._REBUILD_HINT)
+    return tuple(keys)
 
 
 def label_width(key: str) -> bool:
